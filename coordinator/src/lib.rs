@@ -1,0 +1,7 @@
+//! The Interlock coordinator as a library: `main.rs` parses flags and calls [`server::run`] or
+//! the CLI; tests call the same functions with a listener on `127.0.0.1:0`.
+//!
+//! Decision logic (admission, caps, budgets, modes) is pure and lives apart from the gRPC and
+//! store adapters; see ARCHITECTURE.md.
+
+pub mod server;
