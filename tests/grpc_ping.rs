@@ -1,6 +1,9 @@
-//! The gRPC chain: the coordinator library serves on 127.0.0.1:0 and a generated client calls it.
+//! The gRPC chain: the coordinator library serves (embedded store) on 127.0.0.1:0 and a
+//! generated client calls it.
 
-use interlock_coordinator::server::{self, ServerConfig};
+use std::time::Duration;
+
+use interlock_coordinator::serve::{self, ServeOptions, StoreChoice};
 use interlock_proto::v1::{PingRequest, coordinator_client::CoordinatorClient};
 use tokio::sync::oneshot;
 
@@ -9,15 +12,19 @@ async fn a_client_pings_the_coordinator_and_bad_input_is_refused() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(
-        listener,
-        ServerConfig {
-            store_kind: "embedded",
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let options = ServeOptions {
+        store: StoreChoice::Embedded(None),
+        policy_name: "basic.toml".into(),
+        policy_text: interlock_tests::BASIC_POLICY.into(),
+        prefix: "/ping".into(),
+        advertise: None,
+        host_ttl: Duration::from_secs(10),
+        election_ttl: Duration::from_secs(2),
+        failpoint_pause_before_grant_commit: None,
+    };
+    let server = tokio::spawn(serve::run(options, listener, None, async {
+        let _ = stopped.await;
+    }));
     let mut client = CoordinatorClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");

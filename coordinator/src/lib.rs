@@ -4,4 +4,14 @@
 //! Decision logic (admission, caps, budgets, modes) is pure and lives apart from the gRPC and
 //! store adapters; see ARCHITECTURE.md.
 
+pub mod admission;
+pub mod alert;
+pub mod audit;
+pub mod cli;
+pub mod engine;
+pub mod metrics;
+pub mod policy;
+pub mod serve;
 pub mod server;
+pub mod store;
+pub mod view;

@@ -1,57 +1,706 @@
-//! The gRPC server: binds the services to a listener and runs until shutdown.
+//! The gRPC server: binds the Coordinator, Agent and Operator services to a listener and runs
+//! until shutdown.
 //!
-//! Owns the tonic plumbing only; it converts wire types at the boundary and must not hold
-//! decision logic.
+//! Owns the tonic plumbing only: it converts wire types to engine calls at the boundary, maps
+//! engine errors to status codes (with the leader's address for clients to retry there), and
+//! must not hold decision logic.
 
-use std::future::Future;
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
-use interlock_proto::v1::{
-    PingReply, PingRequest,
+use interlock_proto::v1 as pb;
+use pb::{
+    agent_server::{Agent, AgentServer},
     coordinator_server::{Coordinator, CoordinatorServer},
+    operator_server::{Operator, OperatorServer},
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataValue};
 
-/// What the server needs to know about itself.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// "etcd" or "embedded": reported by `Ping` and `interlock status`.
-    pub store_kind: &'static str,
+use crate::{
+    admission::{FreezeRecord, HostId, UnixMillis, effective_cap},
+    engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, Outcome},
+    view::Scope,
+};
+
+/// Metadata key carrying the operator's identity on operator calls.
+pub const OPERATOR_HEADER: &str = "x-interlock-operator";
+/// Metadata key carrying the leader's address on a follower's UNAVAILABLE answer.
+pub const LEADER_HEADER: &str = "x-interlock-leader";
+
+fn status(err: EngineError) -> Status {
+    match err {
+        EngineError::NotLeader { ref leader } => {
+            let mut s = Status::unavailable(err.to_string());
+            if let Some(addr) = leader
+                && let Ok(v) = MetadataValue::try_from(addr.as_str())
+            {
+                s.metadata_mut().insert(LEADER_HEADER, v);
+            }
+            s
+        }
+        EngineError::Invalid(m) => Status::invalid_argument(m),
+        EngineError::NotFound(m) => Status::not_found(m),
+        EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
+        EngineError::Unavailable(m) => Status::unavailable(m),
+    }
 }
 
-#[derive(Debug)]
-struct CoordinatorService {
-    config: ServerConfig,
+fn operator<T>(req: &Request<T>) -> Result<String, Status> {
+    let name = req
+        .metadata()
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    if name.is_empty() {
+        return Err(Status::unauthenticated(
+            "no operator identity: pass --operator NAME or set INTERLOCK_OPERATOR",
+        ));
+    }
+    Ok(name)
+}
+
+fn opt(s: String) -> Option<String> {
+    if s.trim().is_empty() { None } else { Some(s) }
+}
+
+fn acquire_reply(outcome: AcquireOutcome) -> pb::AcquireReply {
+    use pb::acquire_reply::Outcome as O;
+    let (outcome, dry_run) = match outcome {
+        AcquireOutcome::DryRun(inner) => (*inner, true),
+        other => (other, false),
+    };
+    let outcome = match outcome {
+        AcquireOutcome::Granted(GrantInfo {
+            lease_id,
+            token,
+            ttl_ms,
+            verification_window_ms,
+            granted_at,
+            approver,
+        }) => O::Granted(pb::Granted {
+            lease_id,
+            token,
+            ttl_ms,
+            verification_window_ms,
+            granted_at_ms: granted_at.0,
+            approver: approver.unwrap_or_default(),
+        }),
+        AcquireOutcome::Denied { check, reason } => O::Denied(pb::Denied { check, reason }),
+        AcquireOutcome::Pending {
+            approval_id,
+            expires_at,
+        } => O::Pending(pb::Pending {
+            approval_id,
+            expires_at_ms: expires_at.0,
+        }),
+        AcquireOutcome::Observed {
+            would_grant,
+            check,
+            reason,
+        } => O::Observed(pb::Observed {
+            would_grant,
+            check,
+            reason,
+        }),
+        AcquireOutcome::DryRun(_) => unreachable!("dry runs are not nested"),
+    };
+    pb::AcquireReply {
+        outcome: Some(outcome),
+        dry_run,
+    }
+}
+
+fn freeze_info(scope: &str, class: &str, host: &str, r: &FreezeRecord) -> pb::FreezeInfo {
+    pb::FreezeInfo {
+        scope: scope.into(),
+        class: class.into(),
+        host: host.into(),
+        reason: r.reason.clone(),
+        owner: r.owner.clone(),
+        since_ms: r.since.0,
+        cause: serde_json::to_value(r.cause)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Clone)]
+struct Services {
+    engine: Engine,
 }
 
 #[tonic::async_trait]
-impl Coordinator for CoordinatorService {
-    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
-        let PingRequest { caller } = request.into_inner();
+impl Coordinator for Services {
+    async fn ping(
+        &self,
+        request: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingReply>, Status> {
+        let pb::PingRequest { caller } = request.into_inner();
         if caller.len() > 256 {
             return Err(Status::invalid_argument(
                 "caller is longer than 256 bytes; send a host id or operator name",
             ));
         }
-        Ok(Response::new(PingReply {
+        let snap = self.engine.snapshot();
+        Ok(Response::new(pb::PingReply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            store: self.config.store_kind.to_owned(),
+            store: self.engine.store_kind().to_owned(),
             caller,
+            leader: snap.leader,
+            leader_addr: snap.leader_addr.clone().unwrap_or_default(),
         }))
     }
 }
 
-/// Serves the coordinator API on `listener` until `shutdown` resolves, then drains in-flight
-/// requests and returns.
-pub async fn run(
+#[tonic::async_trait]
+impl Agent for Services {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
+        let pb::RegisterRequest { host_id, labels } = request.into_inner();
+        let ttl = self
+            .engine
+            .register(host_id, labels.into_iter().collect())
+            .await
+            .map_err(status)?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        Ok(Response::new(pb::RegisterReply {
+            ttl_ms,
+            heartbeat_interval_ms: ttl_ms / 3,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let pb::HeartbeatRequest { host_id } = request.into_inner();
+        let ttl = self.engine.heartbeat(&host_id).await.map_err(status)?;
+        Ok(Response::new(pb::HeartbeatReply {
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireReply>, Status> {
+        let pb::AcquireRequest {
+            host_id,
+            class,
+            target,
+            evidence,
+            dry_run,
+        } = request.into_inner();
+        let outcome = self
+            .engine
+            .acquire(AcquireInput {
+                host: host_id,
+                class,
+                target,
+                evidence,
+                dry_run,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(acquire_reply(outcome)))
+    }
+
+    async fn poll_approval(
+        &self,
+        request: Request<pb::PollApprovalRequest>,
+    ) -> Result<Response<pb::AcquireReply>, Status> {
+        let pb::PollApprovalRequest {
+            approval_id,
+            host_id: _,
+        } = request.into_inner();
+        let outcome = self
+            .engine
+            .poll_approval(&approval_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(acquire_reply(outcome)))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewReply>, Status> {
+        let pb::RenewRequest { lease_id, token } = request.into_inner();
+        let ttl_ms = self.engine.renew(&lease_id, token).await.map_err(status)?;
+        Ok(Response::new(pb::RenewReply { ttl_ms }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseReply>, Status> {
+        let pb::ReleaseRequest {
+            lease_id,
+            token,
+            outcome,
+            detail,
+        } = request.into_inner();
+        let outcome = match pb::Outcome::try_from(outcome) {
+            Ok(pb::Outcome::Success) => Outcome::Success,
+            Ok(pb::Outcome::Failed) => Outcome::Failed,
+            Ok(pb::Outcome::VerificationFailed) => Outcome::VerificationFailed,
+            Ok(pb::Outcome::Abandoned) => Outcome::Abandoned,
+            Ok(pb::Outcome::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(
+                    "outcome must be success, failed, verification_failed or abandoned",
+                ));
+            }
+        };
+        self.engine
+            .release(lease_id, token, outcome, detail)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ReleaseReply {}))
+    }
+
+    async fn report_findings(
+        &self,
+        request: Request<pb::ReportFindingsRequest>,
+    ) -> Result<Response<pb::ReportReply>, Status> {
+        let pb::ReportFindingsRequest { host_id, findings } = request.into_inner();
+        if findings.len() > 1000 {
+            return Err(Status::invalid_argument("at most 1000 findings per report"));
+        }
+        tracing::info!(
+            host = host_id,
+            findings = findings.len(),
+            "findings reported"
+        );
+        Ok(Response::new(pb::ReportReply {
+            accepted: u32::try_from(findings.len()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn report_flows(
+        &self,
+        request: Request<pb::ReportFlowsRequest>,
+    ) -> Result<Response<pb::ReportReply>, Status> {
+        let pb::ReportFlowsRequest { host_id, edges } = request.into_inner();
+        if edges.len() > 10_000 {
+            return Err(Status::invalid_argument(
+                "at most 10000 flow edges per report",
+            ));
+        }
+        tracing::debug!(host = host_id, edges = edges.len(), "flow edges reported");
+        Ok(Response::new(pb::ReportReply {
+            accepted: u32::try_from(edges.len()).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Operator for Services {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let snap = self.engine.snapshot();
+        let view = &snap.view;
+        let policy = self.engine.policy();
+        let now = UnixMillis(now_ms());
+        let mut services: BTreeMap<String, u32> = BTreeMap::new();
+        for h in view.hosts.values() {
+            if let Some(s) = h.record.service() {
+                *services.entry(s.to_owned()).or_default() += 1;
+            }
+        }
+        let mut classes = Vec::new();
+        for (name, class) in &policy.classes {
+            let name = name.as_str();
+            let mode = view.modes.get(name).copied().unwrap_or(class.mode);
+            let mut freezes = Vec::new();
+            if let Some(r) = view.class_freezes.get(name) {
+                freezes.push(freeze_info("class", name, "", r));
+            }
+            for ((c, h), r) in &view.host_blocks {
+                if c == name {
+                    freezes.push(freeze_info("host", c, h, r));
+                }
+            }
+            let mut scopes = Vec::new();
+            let mut full = Vec::new();
+            let mut serviced: BTreeMap<String, u32> = services.clone();
+            for l in view.leases.values().filter(|l| l.record.class == name) {
+                serviced.entry(l.record.service.clone()).or_default();
+            }
+            for (service, live) in &serviced {
+                let scope = Scope {
+                    class: name.to_owned(),
+                    service: service.clone(),
+                };
+                let holders = u32::try_from(view.held_slots(&scope).len()).unwrap_or(u32::MAX);
+                let cap = effective_cap(&class.cap, *live);
+                if holders >= cap {
+                    full.push(format!("cap full in {service}: {holders}/{cap}"));
+                }
+                scopes.push(pb::ScopeStatus {
+                    service: service.clone(),
+                    holders,
+                    cap,
+                    live_hosts: *live,
+                });
+            }
+            let budget = view.budget(name);
+            let used = budget.fleet_used(&class.budget.fleet, now);
+            let pending = view
+                .approvals
+                .values()
+                .filter(|(a, _)| a.class == name && a.state == crate::view::ApprovalState::Pending)
+                .count();
+            let waiting_on = if let Some(r) = &view.kill_switch {
+                format!("kill switch: {}", r.reason)
+            } else if let Some(r) = view.class_freezes.get(name) {
+                format!("frozen: {}", r.reason)
+            } else if mode == crate::policy::Mode::Observe {
+                "observe mode: recording only".to_owned()
+            } else if used >= class.budget.fleet.max {
+                format!("fleet budget used: {used}/{}", class.budget.fleet.max)
+            } else if !full.is_empty() {
+                full.join("; ")
+            } else if pending > 0 {
+                format!("{pending} approval(s) pending")
+            } else {
+                "ready".to_owned()
+            };
+            classes.push(pb::ClassStatus {
+                class: name.to_owned(),
+                tier: class.tier.to_string(),
+                mode: mode.to_string(),
+                freezes,
+                scopes,
+                fleet_budget_used: used,
+                fleet_budget_max: class.budget.fleet.max,
+                budget_window_ms: u64::try_from(class.budget.fleet.window.as_millis())
+                    .unwrap_or(u64::MAX),
+                pending_approvals: u32::try_from(pending).unwrap_or(u32::MAX),
+                waiting_on,
+            });
+        }
+        Ok(Response::new(pb::StatusReply {
+            leader: snap.leader,
+            leader_addr: match &snap.leader_addr {
+                Some(a) => a.clone(),
+                None => self.engine.leader_addr().await.unwrap_or_default(),
+            },
+            store: self.engine.store_kind().to_owned(),
+            policy: policy.owner(),
+            kill_switch: view
+                .kill_switch
+                .as_ref()
+                .map(|r| freeze_info("all", "", "", r)),
+            classes,
+            live_hosts: u32::try_from(view.hosts.len()).unwrap_or(u32::MAX),
+            active_leases: u32::try_from(view.leases.len()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn hosts(
+        &self,
+        _request: Request<pb::HostsRequest>,
+    ) -> Result<Response<pb::HostsReply>, Status> {
+        let snap = self.engine.snapshot();
+        self.require_leader(&snap).await?;
+        let hosts = snap
+            .view
+            .hosts
+            .iter()
+            .map(|(id, h)| pb::Host {
+                host_id: id.clone(),
+                labels: h.record.labels.clone().into_iter().collect(),
+                registered_at_ms: h.record.registered_at.0,
+                findings: 0,
+            })
+            .collect();
+        Ok(Response::new(pb::HostsReply { hosts }))
+    }
+
+    async fn leases(
+        &self,
+        _request: Request<pb::LeasesRequest>,
+    ) -> Result<Response<pb::LeasesReply>, Status> {
+        let snap = self.engine.snapshot();
+        self.require_leader(&snap).await?;
+        let now = now_ms();
+        let leases = snap
+            .view
+            .leases
+            .values()
+            .map(|l| {
+                // Time left as the holder sees it: TTL from the grant, or from the last renewal
+                // (not tracked here), so this is the worst case for the holder.
+                let deadline = l.record.granted_at.0.saturating_add(l.record.ttl_ms);
+                pb::Lease {
+                    lease_id: l.record.lease_id.clone(),
+                    token: l.token,
+                    host_id: l.record.host.clone(),
+                    class: l.record.class.clone(),
+                    service: l.record.service.clone(),
+                    target: l.record.target.clone(),
+                    granted_at_ms: l.record.granted_at.0,
+                    ttl_ms: l.record.ttl_ms,
+                    expires_in_ms: i64::try_from(deadline).unwrap_or(i64::MAX)
+                        - i64::try_from(now).unwrap_or(i64::MAX),
+                    approver: l.record.approver.clone().unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::LeasesReply { leases }))
+    }
+
+    async fn budgets(
+        &self,
+        _request: Request<pb::BudgetsRequest>,
+    ) -> Result<Response<pb::BudgetsReply>, Status> {
+        let snap = self.engine.snapshot();
+        self.require_leader(&snap).await?;
+        let now = UnixMillis(now_ms());
+        let policy = self.engine.policy();
+        let budgets = policy
+            .classes
+            .iter()
+            .map(|(name, class)| {
+                let name = name.as_str();
+                let state = snap.view.budget(name);
+                let hosts = state
+                    .host_grants
+                    .keys()
+                    .map(|h| pb::HostBudget {
+                        host_id: h.0.clone(),
+                        used: state.host_used(h, &class.budget.host, now),
+                        max: class.budget.host.max,
+                        blocked: snap
+                            .view
+                            .host_blocks
+                            .contains_key(&(name.to_owned(), h.0.clone())),
+                    })
+                    .collect();
+                pb::Budget {
+                    class: name.to_owned(),
+                    fleet_used: state.fleet_used(&class.budget.fleet, now),
+                    fleet_max: class.budget.fleet.max,
+                    fleet_window_ms: u64::try_from(class.budget.fleet.window.as_millis())
+                        .unwrap_or(u64::MAX),
+                    host_max: class.budget.host.max,
+                    host_window_ms: u64::try_from(class.budget.host.window.as_millis())
+                        .unwrap_or(u64::MAX),
+                    hosts,
+                    frozen: snap.view.class_freezes.contains_key(name),
+                }
+            })
+            .collect();
+        let _ = HostId(String::new());
+        Ok(Response::new(pb::BudgetsReply { budgets }))
+    }
+
+    async fn freeze(
+        &self,
+        request: Request<pb::FreezeRequest>,
+    ) -> Result<Response<pb::FreezeReply>, Status> {
+        let op = operator(&request)?;
+        let pb::FreezeRequest {
+            class,
+            reason,
+            revoke,
+        } = request.into_inner();
+        let revoked = self
+            .engine
+            .freeze(opt(class), reason, revoke, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::FreezeReply { revoked }))
+    }
+
+    async fn unfreeze(
+        &self,
+        request: Request<pb::UnfreezeRequest>,
+    ) -> Result<Response<pb::UnfreezeReply>, Status> {
+        let op = operator(&request)?;
+        let pb::UnfreezeRequest {
+            class,
+            host,
+            reason,
+        } = request.into_inner();
+        self.engine
+            .unfreeze(opt(class), opt(host), reason, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UnfreezeReply {}))
+    }
+
+    async fn set_mode(
+        &self,
+        request: Request<pb::SetModeRequest>,
+    ) -> Result<Response<pb::SetModeReply>, Status> {
+        let op = operator(&request)?;
+        let pb::SetModeRequest { class, mode } = request.into_inner();
+        let previous = self
+            .engine
+            .set_mode(class, &mode, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SetModeReply {
+            previous: previous.to_string(),
+        }))
+    }
+
+    async fn approvals(
+        &self,
+        _request: Request<pb::ApprovalsRequest>,
+    ) -> Result<Response<pb::ApprovalsReply>, Status> {
+        let snap = self.engine.snapshot();
+        self.require_leader(&snap).await?;
+        let approvals = snap
+            .view
+            .approvals
+            .values()
+            .filter(|(a, _)| a.state == crate::view::ApprovalState::Pending)
+            .map(|(a, _)| pb::Approval {
+                approval_id: a.id.clone(),
+                host_id: a.host.clone(),
+                class: a.class.clone(),
+                target: a.target.clone(),
+                evidence: a.evidence.clone(),
+                requested_at_ms: a.requested_at.0,
+                expires_at_ms: a.expires_at.0,
+            })
+            .collect();
+        Ok(Response::new(pb::ApprovalsReply { approvals }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::AcquireReply>, Status> {
+        let op = operator(&request)?;
+        let pb::ApproveRequest { approval_id } = request.into_inner();
+        let outcome = self.engine.approve(approval_id, op).await.map_err(status)?;
+        Ok(Response::new(acquire_reply(outcome)))
+    }
+
+    async fn reject(
+        &self,
+        request: Request<pb::RejectRequest>,
+    ) -> Result<Response<pb::RejectReply>, Status> {
+        let op = operator(&request)?;
+        let pb::RejectRequest {
+            approval_id,
+            reason,
+        } = request.into_inner();
+        self.engine
+            .reject(approval_id, reason, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RejectReply {}))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeReply>, Status> {
+        let op = operator(&request)?;
+        let pb::RevokeRequest { lease_id, reason } = request.into_inner();
+        self.engine
+            .revoke(lease_id, reason, op)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RevokeReply {}))
+    }
+
+    async fn audit(
+        &self,
+        request: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditReply>, Status> {
+        let pb::AuditRequest {
+            since_ms,
+            class,
+            host,
+            limit,
+        } = request.into_inner();
+        let class = opt(class);
+        let host = opt(host);
+        let (records, chain) = self
+            .engine
+            .audit(
+                UnixMillis(since_ms),
+                class.as_deref(),
+                host.as_deref(),
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            )
+            .await
+            .map_err(status)?;
+        let records = records
+            .into_iter()
+            .map(|r| pb::AuditRecord {
+                seq: r.seq,
+                at_ms: r.at.0,
+                kind: r.kind.as_str().to_owned(),
+                owner: r.owner,
+                class: r.class.unwrap_or_default(),
+                host: r.host.unwrap_or_default(),
+                target: r.target.unwrap_or_default(),
+                lease_id: r.lease_id.unwrap_or_default(),
+                token: r.token.unwrap_or_default(),
+                reason: r.reason.unwrap_or_default(),
+                detail_json: r.detail.to_string(),
+                prev_hash: r.prev_hash,
+                hash: r.hash,
+            })
+            .collect();
+        Ok(Response::new(pb::AuditReply {
+            records,
+            chain_ok: chain.is_ok(),
+            chain_error: chain.err().map(|e| e.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+impl Services {
+    async fn require_leader(&self, snap: &crate::engine::Snapshot) -> Result<(), Status> {
+        if snap.leader {
+            Ok(())
+        } else {
+            Err(status(EngineError::NotLeader {
+                leader: self.engine.leader_addr().await,
+            }))
+        }
+    }
+}
+
+/// Serves the coordinator APIs on `listener` until `shutdown` resolves, then stops accepting,
+/// drains in-flight requests and returns.
+pub async fn serve_grpc(
     listener: TcpListener,
-    config: ServerConfig,
+    engine: Engine,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tracing::info!(addr = ?listener.local_addr().ok(), store = config.store_kind, "coordinator serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), store = engine.store_kind(), "coordinator serving gRPC");
+    let services = Services { engine };
     tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(CoordinatorService { config }))
+        .timeout(Duration::from_secs(30))
+        .add_service(CoordinatorServer::new(services.clone()))
+        .add_service(AgentServer::new(services.clone()))
+        .add_service(OperatorServer::new(services))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

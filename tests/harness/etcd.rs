@@ -18,6 +18,7 @@ const HEALTHY_WITHIN: Duration = Duration::from_secs(15);
 pub struct Etcd {
     child: Child,
     client: SocketAddr,
+    peer: SocketAddr,
     data_dir: tempfile::TempDir,
 }
 
@@ -57,35 +58,59 @@ impl Etcd {
         let data_dir = tempfile::Builder::new()
             .prefix("interlock-etcd-")
             .tempdir()?;
-        let log = std::fs::File::create(data_dir.path().join("etcd.log"))?;
-        let client_url = format!("http://{client}");
-        let peer_url = format!("http://{peer}");
-        let child = Command::new(binary)
-            .arg("--name=test")
-            .arg(format!(
-                "--data-dir={}",
-                data_dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = spawn(binary, client, peer, data_dir.path())?;
         let mut etcd = Self {
             child,
             client,
+            peer,
             data_dir,
         };
         etcd.wait_healthy()?;
         Ok(etcd)
     }
 
+    /// SIGKILLs the server (a crash, not a shutdown) and waits until it is gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same ports and data directory (after `kill9`).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn(
+            &Self::binary(),
+            self.client,
+            self.peer,
+            self.data_dir.path(),
+        )?;
+        self.wait_healthy()
+    }
+}
+
+fn spawn(binary: &Path, client: SocketAddr, peer: SocketAddr, dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))?;
+    let client_url = format!("http://{client}");
+    let peer_url = format!("http://{peer}");
+    Command::new(binary)
+        .arg("--name=test")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=test={peer_url}"))
+        .arg("--log-level=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
+impl Etcd {
     fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + HEALTHY_WITHIN;
         while Instant::now() < deadline {

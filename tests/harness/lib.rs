@@ -4,8 +4,11 @@
 //! Nothing here fakes a component: it starts real ones and stops them, by pid, when the
 //! handle drops (also on panic).
 
+pub mod client;
+pub mod coordinator;
 pub mod etcd;
 
+pub use coordinator::{BASIC_POLICY, Coordinator, CoordinatorOptions};
 pub use etcd::Etcd;
 
 /// Panics unless the test runs as root; eBPF and cgroup tests need it and CI runs as root.

@@ -1,0 +1,480 @@
+//! The leader's in-memory picture of the store: hosts, live leases by scope, budgets, freezes,
+//! mode overrides and approvals, plus the key layout under the configured prefix.
+//!
+//! Pure: it decodes key/value data handed to it and answers questions about it; it never
+//! reads the store, a clock or a file. The engine keeps it current by applying what it
+//! commits and what the store's watch reports (expiries). Because only the leader writes and
+//! expiries only remove entries, the view can hold *more* than the store (until the watch
+//! catches up) but never less: admission on it errs towards denying.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    admission::{BudgetState, FreezeRecord, HostId, UnixMillis},
+    policy::Mode,
+    store::Kv,
+};
+
+/// Where everything lives under the prefix. All keys are built here and nowhere else.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// `prefix` such as `/interlock` or `/tenant-a/interlock`; a trailing `/` is ignored.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            root: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn root(&self) -> String {
+        format!("{}/", self.root)
+    }
+    pub fn election(&self) -> String {
+        format!("{}/leader", self.root)
+    }
+    pub fn hosts(&self) -> String {
+        format!("{}/hosts/", self.root)
+    }
+    pub fn host(&self, host: &str) -> String {
+        format!("{}/hosts/{host}", self.root)
+    }
+    pub fn slots(&self) -> String {
+        format!("{}/slots/", self.root)
+    }
+    pub fn slot(&self, scope: &Scope, slot: u32) -> String {
+        format!(
+            "{}/slots/{}/{}/{slot:04}",
+            self.root, scope.class, scope.service
+        )
+    }
+    pub fn budget(&self, class: &str) -> String {
+        format!("{}/budget/{class}", self.root)
+    }
+    pub fn kill_switch(&self) -> String {
+        format!("{}/freeze/all", self.root)
+    }
+    pub fn class_freeze(&self, class: &str) -> String {
+        format!("{}/freeze/class/{class}", self.root)
+    }
+    pub fn host_block(&self, class: &str, host: &str) -> String {
+        format!("{}/freeze/host/{class}/{host}", self.root)
+    }
+    pub fn mode(&self, class: &str) -> String {
+        format!("{}/mode/{class}", self.root)
+    }
+    pub fn approvals(&self) -> String {
+        format!("{}/approvals/", self.root)
+    }
+    pub fn approval(&self, id: &str) -> String {
+        format!("{}/approvals/{id}", self.root)
+    }
+    pub fn audit(&self) -> String {
+        format!("{}/audit/", self.root)
+    }
+    /// Zero-padded so that key order is sequence order.
+    pub fn audit_record(&self, seq: u64) -> String {
+        format!("{}/audit/{seq:020}", self.root)
+    }
+    pub fn policy(&self) -> String {
+        format!("{}/policy", self.root)
+    }
+}
+
+/// What a cap counts over: one action class in one service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    pub class: String,
+    pub service: String,
+}
+
+/// A registered host, as stored under `hosts/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: UnixMillis,
+}
+
+impl HostRecord {
+    pub fn service(&self) -> Option<&str> {
+        self.labels.get("service").map(String::as_str)
+    }
+}
+
+/// A registered host in the view, with the store lease that keeps it alive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostEntry {
+    pub record: HostRecord,
+    pub store_lease: i64,
+    /// Store revision of the registration, to tell its deletion from an older one's.
+    pub revision: i64,
+}
+
+/// A live lease, as stored in its slot key. The fencing token is the slot key's
+/// `mod_revision` (the slot is written once), so it is not part of the value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    pub host: String,
+    pub class: String,
+    pub service: String,
+    pub target: String,
+    pub slot: u32,
+    pub granted_at: UnixMillis,
+    pub ttl_ms: u64,
+    pub verification_window_ms: u64,
+    #[serde(default)]
+    pub approver: Option<String>,
+}
+
+/// A live lease in the view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseEntry {
+    pub record: LeaseRecord,
+    pub token: u64,
+    pub store_lease: i64,
+}
+
+/// Where an assist-mode request stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ApprovalState {
+    Pending,
+    /// The token is the lease's (read from its slot), so it is not repeated here.
+    Granted {
+        lease_id: String,
+        ttl_ms: u64,
+        verification_window_ms: u64,
+        granted_at: UnixMillis,
+        approver: String,
+    },
+    /// Approved, but admission (run again at approval time) denied it.
+    Denied {
+        check: String,
+        reason: String,
+    },
+    Rejected {
+        by: String,
+        reason: String,
+    },
+}
+
+/// An approval request, as stored under `approvals/` (attached to a store lease that makes
+/// it expire).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    pub id: String,
+    pub host: String,
+    pub class: String,
+    pub service: String,
+    pub target: String,
+    pub evidence: String,
+    pub requested_at: UnixMillis,
+    pub expires_at: UnixMillis,
+    pub state: ApprovalState,
+}
+
+/// The whole picture.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub hosts: BTreeMap<String, HostEntry>,
+    /// Live leases by lease id.
+    pub leases: BTreeMap<String, LeaseEntry>,
+    /// Budget state per class, with the `mod_revision` it was read or written at.
+    pub budgets: BTreeMap<String, BudgetState>,
+    pub kill_switch: Option<FreezeRecord>,
+    pub class_freezes: BTreeMap<String, FreezeRecord>,
+    pub host_blocks: BTreeMap<(String, String), FreezeRecord>,
+    pub modes: BTreeMap<String, Mode>,
+    /// Approvals by id, with the store lease that makes them expire.
+    pub approvals: BTreeMap<String, (ApprovalRecord, i64)>,
+    /// The policy owner and text hash last recorded in the store.
+    pub policy_loaded: Option<String>,
+}
+
+/// A key under the prefix that did not decode; reported, never silently dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undecodable {
+    pub key: String,
+    pub error: String,
+}
+
+impl View {
+    /// Builds the view from every key under the prefix (one range read). Audit records and
+    /// the election are not part of the view. Keys that fail to decode are returned so the
+    /// caller can log them; a corrupt budget or freeze key must not be taken as "absent".
+    pub fn load(keys: &Keys, kvs: &[Kv]) -> (View, Vec<Undecodable>) {
+        let mut view = View::default();
+        let mut bad = Vec::new();
+        for kv in kvs {
+            if let Err(error) = view.apply_put(keys, kv) {
+                bad.push(Undecodable {
+                    key: kv.key.clone(),
+                    error,
+                });
+            }
+        }
+        (view, bad)
+    }
+
+    /// Applies one stored key (from a load or a watch).
+    pub fn apply_put(&mut self, keys: &Keys, kv: &Kv) -> Result<(), String> {
+        let Some(rest) = kv.key.strip_prefix(&keys.root()) else {
+            return Ok(());
+        };
+        let json = |v: &[u8]| -> Result<serde_json::Value, String> {
+            serde_json::from_slice(v).map_err(|e| e.to_string())
+        };
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("hosts"), Some(host), None, None) => {
+                let record: HostRecord =
+                    serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.hosts.insert(
+                    host.to_owned(),
+                    HostEntry {
+                        record,
+                        store_lease: kv.lease,
+                        revision: kv.mod_revision,
+                    },
+                );
+            }
+            (Some("slots"), Some(_), Some(_), Some(_)) => {
+                let record: LeaseRecord =
+                    serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.leases.insert(
+                    record.lease_id.clone(),
+                    LeaseEntry {
+                        record,
+                        token: u64::try_from(kv.mod_revision).unwrap_or(0),
+                        store_lease: kv.lease,
+                    },
+                );
+            }
+            (Some("budget"), Some(class), None, None) => {
+                let state: BudgetState =
+                    serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.budgets.insert(class.to_owned(), state);
+            }
+            (Some("freeze"), Some("all"), None, None) => {
+                self.kill_switch =
+                    Some(serde_json::from_value(json(&kv.value)?).map_err(|e| e.to_string())?);
+            }
+            (Some("freeze"), Some("class"), Some(class), None) => {
+                let record = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.class_freezes.insert(class.to_owned(), record);
+            }
+            (Some("freeze"), Some("host"), Some(class), Some(host)) => {
+                let record = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.host_blocks
+                    .insert((class.to_owned(), host.to_owned()), record);
+            }
+            (Some("mode"), Some(class), None, None) => {
+                let text = String::from_utf8_lossy(&kv.value);
+                let mode: Mode = text.parse().map_err(|e| format!("{e}"))?;
+                self.modes.insert(class.to_owned(), mode);
+            }
+            (Some("approvals"), Some(_), None, None) => {
+                let record: ApprovalRecord =
+                    serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+                self.approvals.insert(record.id.clone(), (record, kv.lease));
+            }
+            (Some("policy"), None, None, None) => {
+                self.policy_loaded = Some(String::from_utf8_lossy(&kv.value).into_owned());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a deletion seen by the watch at store revision `revision`. Returns what
+    /// disappeared, so the engine can audit a lease that ran out or an approval that expired.
+    ///
+    /// A key can be deleted and written again before the watch reports the deletion (a slot
+    /// released and granted anew, a host registering again), so only an entry written
+    /// *before* the deletion is removed.
+    pub fn apply_delete(&mut self, keys: &Keys, key: &str, revision: i64) -> Option<Removed> {
+        let rest = key.strip_prefix(&keys.root())?;
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("hosts"), Some(host), None, None) => {
+                if self.hosts.get(host)?.revision >= revision {
+                    return None;
+                }
+                self.hosts
+                    .remove(host)
+                    .map(|_| Removed::Host(host.to_owned()))
+            }
+            (Some("slots"), Some(class), Some(service), Some(slot)) => {
+                let slot: u32 = slot.parse().ok()?;
+                let id = self
+                    .leases
+                    .values()
+                    .find(|l| {
+                        l.record.class == class
+                            && l.record.service == service
+                            && l.record.slot == slot
+                            && i64::try_from(l.token).unwrap_or(i64::MAX) < revision
+                    })?
+                    .record
+                    .lease_id
+                    .clone();
+                self.leases.remove(&id).map(Removed::Lease)
+            }
+            (Some("approvals"), Some(id), None, None) => self
+                .approvals
+                .remove(id)
+                .map(|(record, _)| Removed::Approval(record)),
+            _ => None,
+        }
+    }
+
+    /// Live hosts whose `service` label is `service`.
+    pub fn live_hosts(&self, service: &str) -> u32 {
+        let n = self
+            .hosts
+            .values()
+            .filter(|h| h.record.service() == Some(service))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Slots held in a scope.
+    pub fn held_slots(&self, scope: &Scope) -> BTreeSet<u32> {
+        self.leases
+            .values()
+            .filter(|l| l.record.class == scope.class && l.record.service == scope.service)
+            .map(|l| l.record.slot)
+            .collect()
+    }
+
+    /// The lowest slot index nobody holds. With fewer holders than the cap there is always one
+    /// below the cap, even after the cap shrank below slots still held.
+    pub fn free_slot(&self, scope: &Scope) -> u32 {
+        let held = self.held_slots(scope);
+        (0..).find(|i| !held.contains(i)).unwrap_or(0)
+    }
+
+    pub fn holds(&self, host: &str, class: &str, target: &str) -> bool {
+        self.leases
+            .values()
+            .any(|l| l.record.host == host && l.record.class == class && l.record.target == target)
+    }
+
+    pub fn budget(&self, class: &str) -> BudgetState {
+        self.budgets.get(class).cloned().unwrap_or_default()
+    }
+
+    pub fn host_id(host: &str) -> HostId {
+        HostId(host.to_owned())
+    }
+}
+
+/// What a deletion removed from the view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removed {
+    Host(String),
+    Lease(LeaseEntry),
+    Approval(ApprovalRecord),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: serde_json::Value, mod_revision: i64, lease: i64) -> Kv {
+        Kv {
+            key: key.to_owned(),
+            value: serde_json::to_vec(&value).unwrap(),
+            create_revision: mod_revision,
+            mod_revision,
+            lease,
+        }
+    }
+
+    fn lease_value(id: &str, service: &str, slot: u32) -> serde_json::Value {
+        serde_json::json!({
+            "lease_id": id, "host": "h1", "class": "disk_cleanup", "service": service,
+            "target": "/var/log", "slot": slot, "granted_at": 1000, "ttl_ms": 30000,
+            "verification_window_ms": 60000
+        })
+    }
+
+    #[test]
+    fn load_reads_hosts_leases_with_their_token_and_freezes() {
+        let keys = Keys::new("/p/");
+        let slot_key = keys.slot(
+            &Scope {
+                class: "disk_cleanup".into(),
+                service: "web".into(),
+            },
+            1,
+        );
+        let kvs = vec![
+            kv(
+                &keys.host("h1"),
+                serde_json::json!({"labels": {"service": "web"}, "registered_at": 5}),
+                3,
+                77,
+            ),
+            kv(&slot_key, lease_value("a1", "web", 1), 42, 99),
+            kv(
+                &keys.class_freeze("disk_cleanup"),
+                serde_json::json!({"reason": "r", "owner": "operator:o", "since": 1, "cause": "operator"}),
+                50,
+                0,
+            ),
+        ];
+        let (view, bad) = View::load(&keys, &kvs);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(view.live_hosts("web"), 1);
+        assert_eq!(view.live_hosts("db"), 0);
+        let lease = &view.leases["a1"];
+        assert_eq!(lease.token, 42, "the token is the slot's mod_revision");
+        assert_eq!(lease.store_lease, 99);
+        assert!(view.class_freezes.contains_key("disk_cleanup"));
+        assert!(view.holds("h1", "disk_cleanup", "/var/log"));
+    }
+
+    #[test]
+    fn a_corrupt_key_is_reported_not_ignored() {
+        let keys = Keys::new("/p");
+        let mut bad_kv = kv(&keys.budget("x"), serde_json::json!(1), 2, 0);
+        bad_kv.value = b"{not json".to_vec();
+        let (_, bad) = View::load(&keys, &[bad_kv]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].key, "/p/budget/x");
+    }
+
+    #[test]
+    fn free_slot_fills_gaps_and_delete_removes_the_lease_in_that_slot() {
+        let keys = Keys::new("/p");
+        let scope = Scope {
+            class: "disk_cleanup".into(),
+            service: "web".into(),
+        };
+        let kvs = vec![
+            kv(&keys.slot(&scope, 0), lease_value("a0", "web", 0), 10, 1),
+            kv(&keys.slot(&scope, 3), lease_value("a3", "web", 3), 11, 2),
+        ];
+        let (mut view, _) = View::load(&keys, &kvs);
+        assert_eq!(view.free_slot(&scope), 1);
+        assert_eq!(
+            view.apply_delete(&keys, &keys.slot(&scope, 3), 11),
+            None,
+            "a deletion older than the lease in the slot (a previous holder's) removes nothing"
+        );
+        let removed = view.apply_delete(&keys, &keys.slot(&scope, 3), 12);
+        assert!(matches!(removed, Some(Removed::Lease(l)) if l.record.lease_id == "a3"));
+        assert_eq!(view.held_slots(&scope), BTreeSet::from([0]));
+        assert_eq!(
+            view.apply_delete(&keys, &keys.slot(&scope, 3), 13),
+            None,
+            "a second delete of the same slot removes nothing"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! The store conformance suite, run against the embedded store and a real etcd: the embedded
+//! store is a product feature and must behave like etcd for everything the coordinator uses.
+
+mod backends;
+mod conformance;
