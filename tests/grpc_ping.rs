@@ -21,6 +21,7 @@ async fn a_client_pings_the_coordinator_and_bad_input_is_refused() {
         host_ttl: Duration::from_secs(10),
         election_ttl: Duration::from_secs(2),
         failpoint_pause_before_grant_commit: None,
+        audit_retention: 100_000,
     };
     let server = tokio::spawn(serve::run(options, listener, None, async {
         let _ = stopped.await;

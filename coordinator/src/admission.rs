@@ -87,92 +87,125 @@ impl fmt::Display for FreezeRecord {
     }
 }
 
+/// How finely a budget window is divided. A grant is tallied in the slot it falls in, and a
+/// slot counts while any part of it is inside the window, so a grant keeps counting for at most
+/// one slot (1/600 of the window: 6 s of an hour) longer than the window, never shorter: the
+/// budget can only err towards fewer grants. It keeps the stored state at most 601 entries per
+/// tally whatever the budget's `max` (an exact list of timestamps grows with `max`).
+pub const SLOTS_PER_WINDOW: u64 = 600;
+
+/// Grants per time slot, oldest first: `(slot start, grants in it)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Tally(pub Vec<(UnixMillis, u32)>);
+
+impl Tally {
+    fn count(&self, window_start: UnixMillis, spec: &BudgetSpec, now: UnixMillis) -> u32 {
+        let width = slot_width(spec);
+        self.0
+            .iter()
+            .filter(|(start, _)| counts(*start, width, window_start, spec, now))
+            .fold(0u32, |acc, (_, n)| acc.saturating_add(*n))
+    }
+
+    fn add(&mut self, now: UnixMillis, spec: &BudgetSpec) {
+        let width = slot_width(spec);
+        let start = UnixMillis(now.0 - now.0 % width);
+        match self.0.last_mut() {
+            Some((last, n)) if *last == start => *n = n.saturating_add(1),
+            _ => {
+                self.0.push((start, 1));
+                self.0.sort_unstable_by_key(|(s, _)| *s);
+            }
+        }
+    }
+
+    fn prune(&mut self, window_start: UnixMillis, spec: &BudgetSpec, now: UnixMillis) {
+        let width = slot_width(spec);
+        self.0
+            .retain(|(start, _)| counts(*start, width, window_start, spec, now));
+    }
+}
+
+fn slot_width(spec: &BudgetSpec) -> u64 {
+    (duration_ms(spec.window) / SLOTS_PER_WINDOW).max(1)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A slot `[start, start + width)` counts at `now` while it overlaps the window
+/// `(now - window, now]` and ends after `window_start`. Slots stamped after `now` (another
+/// replica's clock running ahead) still count, which errs on the side of fewer grants.
+fn counts(
+    start: UnixMillis,
+    width: u64,
+    window_start: UnixMillis,
+    spec: &BudgetSpec,
+    now: UnixMillis,
+) -> bool {
+    let end = start.0.saturating_add(width);
+    end > window_start.0 && end.saturating_add(duration_ms(spec.window)) > now.0
+}
+
 /// Grants of one class inside the current budget windows. Stored per class as JSON.
 ///
-/// Invariant kept by [`BudgetState::record_grant`]: timestamps are ascending, none is older
-/// than its window or `window_start`, and each list holds at most its budget's `max`
-/// entries, so the stored state stays small.
+/// Invariant kept by [`BudgetState::record_grant`]: no tally holds a slot that no longer
+/// counts, so the stored state stays bounded (see [`SLOTS_PER_WINDOW`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetState {
     /// Set when the class is unfrozen: grants before it no longer count.
     pub window_start: UnixMillis,
-    pub fleet_grants: Vec<UnixMillis>,
-    pub host_grants: BTreeMap<HostId, Vec<UnixMillis>>,
+    pub fleet: Tally,
+    pub hosts: BTreeMap<HostId, Tally>,
 }
 
 impl BudgetState {
     /// Grants counted against the fleet budget at `now`.
     pub fn fleet_used(&self, spec: &BudgetSpec, now: UnixMillis) -> u32 {
-        count_in_window(&self.fleet_grants, self.window_start, spec, now)
+        self.fleet.count(self.window_start, spec, now)
     }
 
     /// Grants to `host` counted against the host budget at `now`.
     pub fn host_used(&self, host: &HostId, spec: &BudgetSpec, now: UnixMillis) -> u32 {
-        self.host_grants.get(host).map_or(0, |grants| {
-            count_in_window(grants, self.window_start, spec, now)
-        })
+        self.hosts
+            .get(host)
+            .map_or(0, |t| t.count(self.window_start, spec, now))
     }
 
     /// Records a grant to `host` at `now` and prunes everything that no longer counts.
     pub fn record_grant(&mut self, host: &HostId, now: UnixMillis, class: &ClassPolicy) {
         let BudgetState {
             window_start,
-            fleet_grants,
-            host_grants,
+            fleet,
+            hosts,
         } = self;
         let budget = class.budget;
-        fleet_grants.push(now);
-        prune(fleet_grants, *window_start, &budget.fleet, now);
-        host_grants.entry(host.clone()).or_default().push(now);
-        for grants in host_grants.values_mut() {
-            prune(grants, *window_start, &budget.host, now);
+        fleet.add(now, &budget.fleet);
+        fleet.prune(*window_start, &budget.fleet, now);
+        hosts
+            .entry(host.clone())
+            .or_default()
+            .add(now, &budget.host);
+        for tally in hosts.values_mut() {
+            tally.prune(*window_start, &budget.host, now);
         }
-        host_grants.retain(|_, grants| !grants.is_empty());
+        hosts.retain(|_, t| !t.0.is_empty());
+    }
+
+    /// Forgets one host's grants (used when an operator unblocks that host).
+    pub fn reset_host(&mut self, host: &HostId) {
+        self.hosts.remove(host);
     }
 
     /// Starts a fresh window at `now` (used by unfreeze): earlier grants stop counting.
     pub fn reset(&mut self, now: UnixMillis) {
         *self = BudgetState {
             window_start: now,
-            fleet_grants: Vec::new(),
-            host_grants: BTreeMap::new(),
+            fleet: Tally::default(),
+            hosts: BTreeMap::new(),
         };
-    }
-}
-
-/// A grant at `t` counts at `now` while `now < t + window`, and only if `t >= window_start`.
-/// Grants stamped after `now` (another replica's clock running ahead) still count, which
-/// errs on the side of fewer grants.
-fn counts(t: UnixMillis, window_start: UnixMillis, spec: &BudgetSpec, now: UnixMillis) -> bool {
-    t >= window_start && t.plus(spec.window) > now
-}
-
-fn count_in_window(
-    grants: &[UnixMillis],
-    window_start: UnixMillis,
-    spec: &BudgetSpec,
-    now: UnixMillis,
-) -> u32 {
-    let n = grants
-        .iter()
-        .filter(|t| counts(**t, window_start, spec, now))
-        .count();
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-fn prune(
-    grants: &mut Vec<UnixMillis>,
-    window_start: UnixMillis,
-    spec: &BudgetSpec,
-    now: UnixMillis,
-) {
-    grants.retain(|t| counts(*t, window_start, spec, now));
-    grants.sort_unstable();
-    // Admission never lets more than `max` grants into a window; if a caller records more
-    // anyway, keeping the newest `max` still reads as exhausted.
-    let max = usize::try_from(spec.max).unwrap_or(usize::MAX);
-    if grants.len() > max {
-        grants.drain(..grants.len() - max);
     }
 }
 
@@ -1053,8 +1086,14 @@ mod tests {
                 1,
             ),
             (
-                "not counted at t + window",
+                "counted at t + window while its slot overlaps the window",
                 UnixMillis(t.0 + window_ms),
+                1,
+                1,
+            ),
+            (
+                "not counted one slot after t + window",
+                UnixMillis(t.0 + window_ms + window_ms / SLOTS_PER_WINDOW),
                 0,
                 0,
             ),
@@ -1110,7 +1149,7 @@ mod tests {
             Decision::Deny(DenyReason::FleetBudgetExhausted { .. })
         ));
         assert_eq!(
-            at(t.plus(HOUR)),
+            at(t.plus(HOUR).plus(HOUR / 600)),
             Decision::Grant {
                 cap: 5,
                 holders_after: 1
@@ -1142,40 +1181,47 @@ mod tests {
     #[test]
     fn window_start_excludes_earlier_grants_even_if_still_stored() {
         let policy = class(CapSpec::Absolute(1), 5, 5);
+        // An hour's slots are 6 s wide: a slot that ended before the window start is out.
         let state = BudgetState {
-            window_start: UnixMillis(100),
-            fleet_grants: vec![UnixMillis(99), UnixMillis(100)],
-            host_grants: BTreeMap::from([(host("h1"), vec![UnixMillis(99)])]),
+            window_start: UnixMillis(20_000),
+            fleet: Tally(vec![(UnixMillis(6_000), 1), (UnixMillis(18_000), 1)]),
+            hosts: BTreeMap::from([(host("h1"), Tally(vec![(UnixMillis(6_000), 1)]))]),
         };
-        assert_eq!(state.fleet_used(&policy.budget.fleet, UnixMillis(200)), 1);
         assert_eq!(
-            state.host_used(&host("h1"), &policy.budget.host, UnixMillis(200)),
+            state.fleet_used(&policy.budget.fleet, UnixMillis(30_000)),
+            1
+        );
+        assert_eq!(
+            state.host_used(&host("h1"), &policy.budget.host, UnixMillis(30_000)),
             0
         );
     }
 
     #[test]
-    fn record_grant_prunes_expired_entries_and_stays_bounded_by_max() {
-        let policy = class(CapSpec::Absolute(1), 3, 2);
+    fn record_grant_prunes_expired_slots_and_stays_bounded_whatever_the_max() {
+        let policy = class(CapSpec::Absolute(1), 1_000_000, 1_000_000);
         let mut state = BudgetState::default();
         let t = UnixMillis(1_000_000);
         state.record_grant(&host("old"), t, &policy);
-        let later = t.plus(HOUR);
-        for i in 0..5 {
-            state.record_grant(&host("h1"), UnixMillis(later.0 + i), &policy);
+        let later = t.plus(HOUR).plus(HOUR);
+        // Ten thousand grants over two hours: one every 720 ms.
+        for i in 0..10_000u64 {
+            state.record_grant(&host("h1"), UnixMillis(later.0 + i * 720), &policy);
         }
-        assert_eq!(state.fleet_grants.len(), 3, "bounded by fleet max");
+        let now = UnixMillis(later.0 + 9_999 * 720);
+        assert!(
+            state.fleet.0.len() <= 601,
+            "bounded by the slots of one window: {}",
+            state.fleet.0.len()
+        );
         assert_eq!(
-            state.host_grants.keys().collect::<Vec<_>>(),
+            state.hosts.keys().collect::<Vec<_>>(),
             vec![&host("h1")],
             "expired host entries are dropped"
         );
-        assert_eq!(
-            state.host_grants[&host("h1")].len(),
-            2,
-            "bounded by host max"
-        );
-        assert_eq!(state.fleet_used(&policy.budget.fleet, later), 3);
+        let used = state.fleet_used(&policy.budget.fleet, now);
+        // 5,000 grants fell in the last hour; at most one 6 s slot (9 grants) more is counted.
+        assert!((5_000..=5_009).contains(&used), "{used}");
     }
 
     #[test]
@@ -1186,7 +1232,7 @@ mod tests {
         let json = serde_json::to_string(&state).expect("serialises");
         assert_eq!(
             json,
-            r#"{"window_start":0,"fleet_grants":[7],"host_grants":{"h1":[7]}}"#
+            r#"{"window_start":0,"fleet":[[0,1]],"hosts":{"h1":[[0,1]]}}"#
         );
         let back: BudgetState = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, state);

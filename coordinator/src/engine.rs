@@ -35,8 +35,8 @@ use crate::{
         election::{self, LeaderKey},
     },
     view::{
-        ApprovalRecord, ApprovalState, HostEntry, HostRecord, Keys, LeaseRecord, Removed, Scope,
-        View,
+        ApprovalRecord, ApprovalState, HostEntry, HostRecord, Keys, LeaseEntry, LeaseRecord,
+        Removed, Scope, View,
     },
 };
 
@@ -45,6 +45,8 @@ use crate::{
 const MAX_BATCH: usize = 48;
 /// Leases revoked per transaction by `freeze --revoke` (two operations each).
 const REVOKE_CHUNK: usize = 40;
+/// Audit records deleted per transaction when trimming to the retention.
+const AUDIT_TRIM_CHUNK: u64 = 100;
 /// Longest accepted host id, label, class name or target.
 pub const MAX_FIELD: usize = 256;
 /// Longest accepted evidence text.
@@ -64,6 +66,8 @@ pub struct EngineConfig {
     pub host_ttl: Duration,
     /// TTL of the leadership lease; a dead leader is replaced within about this long.
     pub election_ttl: Duration,
+    /// Audit records kept (the oldest beyond this are deleted, in chunks).
+    pub audit_retention: u64,
     /// Test-only pause before committing a batch that grants (proves I5 under SIGSTOP).
     pub failpoint_pause_before_grant_commit: Option<Duration>,
 }
@@ -1005,9 +1009,54 @@ enum Plan {
     },
 }
 
+/// One command of a group-committed batch.
+enum Item {
+    Acquire {
+        input: AcquireInput,
+        pre_lease: Option<LeaseId>,
+        reply: Reply<AcquireOutcome>,
+    },
+    Release {
+        lease_id: String,
+        token: u64,
+        outcome: Outcome,
+        detail: String,
+        reply: Reply<()>,
+    },
+}
+
+impl Item {
+    fn fail(self, err: EngineError) {
+        match self {
+            Item::Acquire { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Item::Release { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// A batch item decided and waiting for its transaction.
+enum Planned {
+    Acquire {
+        input: AcquireInput,
+        plan: Box<Plan>,
+        pre_lease: Option<LeaseId>,
+        reply: Reply<AcquireOutcome>,
+    },
+    Release {
+        entry: LeaseEntry,
+        label: &'static str,
+        item: Item,
+    },
+}
+
 /// Changes decided earlier in the same batch, seen by later requests in it.
 #[derive(Default)]
 struct Overlay {
+    released: BTreeSet<String>,
     budgets: BTreeMap<String, BudgetState>,
     granted_scopes: BTreeSet<Scope>,
     held: BTreeSet<(String, String, String)>,
@@ -1030,6 +1079,8 @@ struct Actor {
     leader: LeaderKey,
     view: View,
     chain: AuditChain,
+    /// Sequence number of the oldest retained audit record.
+    audit_oldest: u64,
     loaded_revision: i64,
 }
 
@@ -1040,6 +1091,7 @@ impl Actor {
             leader,
             view: View::default(),
             chain: AuditChain::genesis(),
+            audit_oldest: 1,
             loaded_revision: 0,
         };
         actor.reload().await?;
@@ -1047,20 +1099,27 @@ impl Actor {
         Ok(actor)
     }
 
-    /// Reads everything under the prefix and the audit chain head.
+    /// Reads the state under the prefix and the audit chain's ends (not the whole audit log,
+    /// which can hold many records). The parts are read one after another; that is safe
+    /// because only the leader writes (and it is not writing now) and expiries only delete,
+    /// which the watch, started from the oldest read's revision, replays.
     async fn reload(&mut self) -> Result<(), String> {
         let keys = &self.inner.keys;
-        let range = self
-            .inner
-            .store
-            .range_prefix(&keys.root())
+        let store = &self.inner.store;
+        let mut state_kvs = Vec::new();
+        let mut revision = i64::MAX;
+        for prefix in keys.state_prefixes() {
+            let range = store
+                .range_prefix(&prefix)
+                .await
+                .map_err(|e| format!("loading state: {e}"))?;
+            revision = revision.min(range.revision);
+            state_kvs.extend(range.kvs);
+        }
+        let (first, last) = store
+            .prefix_ends(&keys.audit())
             .await
-            .map_err(|e| format!("loading state: {e}"))?;
-        let audit_prefix = keys.audit();
-        let (state_kvs, audit_kvs): (Vec<_>, Vec<_>) = range
-            .kvs
-            .into_iter()
-            .partition(|kv| !kv.key.starts_with(&audit_prefix));
+            .map_err(|e| format!("loading the audit head: {e}"))?;
         let (view, bad) = View::load(keys, &state_kvs);
         for b in &bad {
             tracing::error!(
@@ -1076,7 +1135,13 @@ impl Actor {
                 bad[0].key
             ));
         }
-        self.chain = match audit_kvs.last() {
+        self.audit_oldest = match &first {
+            Some(kv) => serde_json::from_slice::<AuditRecord>(&kv.value)
+                .map(|r| r.seq)
+                .unwrap_or(1),
+            None => 1,
+        };
+        self.chain = match last {
             Some(kv) => {
                 let last: AuditRecord = serde_json::from_slice(&kv.value)
                     .map_err(|e| format!("last audit record {} is undecodable: {e}", kv.key))?;
@@ -1085,9 +1150,46 @@ impl Actor {
             None => AuditChain::genesis(),
         };
         self.view = view;
-        self.loaded_revision = range.revision;
+        self.loaded_revision = revision;
         self.publish();
         Ok(())
+    }
+
+    /// Bounded retention: once more than `audit_retention` + one chunk of records exist,
+    /// deletes the oldest chunk (one guarded transaction). The chain still verifies: its first
+    /// retained record may link to anything.
+    async fn trim_audit(&mut self) -> Result<(), String> {
+        let retention = self.inner.cfg.audit_retention.max(AUDIT_TRIM_CHUNK);
+        let newest = self.chain.next_seq().saturating_sub(1);
+        if newest
+            < self
+                .audit_oldest
+                .saturating_add(retention + AUDIT_TRIM_CHUNK)
+        {
+            return Ok(());
+        }
+        let mut tx = TxnBuilder::default();
+        let end = self.audit_oldest + AUDIT_TRIM_CHUNK;
+        for seq in self.audit_oldest..end {
+            tx.ops.push(Op::Delete {
+                key: self.inner.keys.audit_record(seq),
+            });
+        }
+        let TxnBuilder {
+            mut compares, ops, ..
+        } = tx;
+        compares.insert(0, election::leader_guard(&self.leader));
+        match self.inner.store.txn(compares, ops, vec![]).await {
+            Ok(o) if o.succeeded => {
+                self.audit_oldest = end;
+                Ok(())
+            }
+            Ok(_) => Err("deposed while trimming the audit log".into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "trimming the audit log failed; will retry");
+                Ok(())
+            }
+        }
     }
 
     fn publish(&self) {
@@ -1103,8 +1205,16 @@ impl Actor {
         for l in self.view.leases.values() {
             *per_class.entry(l.record.class.as_str()).or_default() += 1;
         }
+        let now = now_ms();
         for (class, n) in per_class {
             self.inner.metrics.set_active_leases(class, n);
+            if let Some(policy) = self.inner.cfg.policy.class(class) {
+                let used = self
+                    .view
+                    .budget(class)
+                    .fleet_used(&policy.budget.fleet, now);
+                self.inner.metrics.set_fleet_budget_used(class, used);
+            }
             let frozen = self.view.class_freezes.contains_key(class);
             self.inner.metrics.set_frozen(class, frozen);
         }
@@ -1167,7 +1277,8 @@ impl Actor {
                     Err(_) => break,
                 }
             }
-            // Consecutive acquires form one batch; anything else runs alone, in order.
+            // Consecutive acquires and releases form one batch (group commit); anything else
+            // runs alone, in order.
             let mut batch = Vec::new();
             for cmd in queue {
                 match cmd {
@@ -1175,18 +1286,36 @@ impl Actor {
                         input,
                         pre_lease,
                         reply,
-                    } => batch.push((input, pre_lease, reply)),
+                    } => batch.push(Item::Acquire {
+                        input,
+                        pre_lease,
+                        reply,
+                    }),
+                    Cmd::Release {
+                        lease_id,
+                        token,
+                        outcome,
+                        detail,
+                        reply,
+                    } => batch.push(Item::Release {
+                        lease_id,
+                        token,
+                        outcome,
+                        detail,
+                        reply,
+                    }),
                     other => {
                         if !batch.is_empty() {
-                            self.acquire_batch(std::mem::take(&mut batch)).await?;
+                            self.batch(std::mem::take(&mut batch)).await?;
                         }
                         self.handle(other).await?;
                     }
                 }
             }
             if !batch.is_empty() {
-                self.acquire_batch(batch).await?;
+                self.batch(batch).await?;
             }
+            self.trim_audit().await?;
             self.publish();
         }
     }
@@ -1285,43 +1414,93 @@ impl Actor {
         }
     }
 
-    async fn acquire_batch(
-        &mut self,
-        batch: Vec<(AcquireInput, Option<LeaseId>, Reply<AcquireOutcome>)>,
-    ) -> Result<(), String> {
-        let mut pending = batch;
+    /// Decides a run of lease requests and releases and commits them in one transaction.
+    async fn batch(&mut self, items: Vec<Item>) -> Result<(), String> {
+        let mut pending = items;
         let mut attempts = 0;
         while !pending.is_empty() {
             attempts += 1;
             let now = now_ms();
             let mut overlay = Overlay::default();
             let mut tx = TxnBuilder::default();
-            let mut plans: Vec<(AcquireInput, Plan, Option<LeaseId>, Reply<AcquireOutcome>)> =
-                Vec::new();
+            let mut plans: Vec<Planned> = Vec::new();
             let mut deferred = Vec::new();
-            for (input, pre_lease, reply) in pending {
-                if !input.dry_run
-                    && let Some(scope) = self.scope_of(&input)
-                    && overlay.granted_scopes.contains(&scope)
-                {
-                    // One grant per scope per transaction keeps tokens strictly increasing.
-                    deferred.push((input, pre_lease, reply));
-                    continue;
-                }
-                match self
-                    .decide(&input, None, now, &mut overlay, &mut tx, pre_lease)
-                    .await
-                {
-                    Ok(Some(plan)) => plans.push((input, plan, pre_lease, reply)),
-                    Ok(None) => {
-                        // Dry run: answered without writing.
-                        let outcome = self.dry_run(&input, now);
-                        let _ = reply.send(outcome);
-                        release_unused(&self.inner.store, pre_lease);
+            for item in pending {
+                match item {
+                    Item::Release {
+                        lease_id,
+                        token,
+                        outcome,
+                        detail,
+                        reply,
+                    } => {
+                        if !overlay.released.insert(lease_id.clone()) {
+                            let _ = reply.send(Err(EngineError::FailedPrecondition(format!(
+                                "lease {lease_id} is already being released"
+                            ))));
+                            continue;
+                        }
+                        match self.end_lease_txn(
+                            &lease_id,
+                            Some(token),
+                            EndKind::Release(outcome, detail.clone()),
+                            &mut tx,
+                        ) {
+                            Ok((entry, label)) => plans.push(Planned::Release {
+                                entry,
+                                label,
+                                item: Item::Release {
+                                    lease_id,
+                                    token,
+                                    outcome,
+                                    detail,
+                                    reply,
+                                },
+                            }),
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        release_unused(&self.inner.store, pre_lease);
+                    Item::Acquire {
+                        input,
+                        pre_lease,
+                        reply,
+                    } => {
+                        if !input.dry_run
+                            && let Some(scope) = self.scope_of(&input)
+                            && overlay.granted_scopes.contains(&scope)
+                        {
+                            // One grant per scope per transaction keeps tokens strictly
+                            // increasing per scope.
+                            deferred.push(Item::Acquire {
+                                input,
+                                pre_lease,
+                                reply,
+                            });
+                            continue;
+                        }
+                        match self
+                            .decide(&input, None, now, &mut overlay, &mut tx, pre_lease)
+                            .await
+                        {
+                            Ok(Some(plan)) => plans.push(Planned::Acquire {
+                                input,
+                                plan: Box::new(plan),
+                                pre_lease,
+                                reply,
+                            }),
+                            Ok(None) => {
+                                // Dry run: answered without writing.
+                                let outcome = self.dry_run(&input, now);
+                                let _ = reply.send(outcome);
+                                release_unused(&self.inner.store, pre_lease);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                                release_unused(&self.inner.store, pre_lease);
+                            }
+                        }
                     }
                 }
             }
@@ -1332,21 +1511,51 @@ impl Actor {
                 match self.commit(tx, now).await {
                     Ok(Committed { revision }) => {
                         self.apply_overlay(overlay);
-                        for (input, plan, pre_lease, reply) in plans {
-                            let outcome = self.apply_plan(&input.class, plan, revision, pre_lease);
-                            let _ = reply.send(Ok(outcome));
+                        for planned in plans {
+                            match planned {
+                                Planned::Acquire {
+                                    input,
+                                    plan,
+                                    pre_lease,
+                                    reply,
+                                } => {
+                                    let outcome =
+                                        self.apply_plan(&input.class, *plan, revision, pre_lease);
+                                    let _ = reply.send(Ok(outcome));
+                                }
+                                Planned::Release { entry, label, item } => {
+                                    self.lease_ended(&entry, label);
+                                    if let Item::Release { reply, .. } = item {
+                                        let _ = reply.send(Ok(()));
+                                    }
+                                }
+                            }
                         }
                         self.send_alerts(alerts);
                     }
                     Err(CommitError::Conflict) if attempts < 3 => {
                         tracing::warn!("batch conflicted with the store; resyncing and retrying");
                         self.reload().await?;
-                        // Requests are re-decided on the fresh view; newly granted store
-                        // leases from this attempt are revoked (the plan did not commit).
-                        let mut retry: Vec<_> = Vec::new();
-                        for (input, plan, pre_lease, reply) in plans {
-                            self.discard_plan(&plan, pre_lease);
-                            retry.push((input, pre_lease, reply));
+                        // Everything is decided again on the fresh view; store leases this
+                        // attempt took on its own are revoked (the plan did not commit).
+                        let mut retry: Vec<Item> = Vec::new();
+                        for planned in plans {
+                            match planned {
+                                Planned::Acquire {
+                                    input,
+                                    plan,
+                                    pre_lease,
+                                    reply,
+                                } => {
+                                    self.discard_plan(&plan, pre_lease);
+                                    retry.push(Item::Acquire {
+                                        input,
+                                        pre_lease,
+                                        reply,
+                                    });
+                                }
+                                Planned::Release { item, .. } => retry.push(item),
+                            }
                         }
                         retry.extend(deferred);
                         pending = retry;
@@ -1354,15 +1563,27 @@ impl Actor {
                     }
                     Err(err) => {
                         let (reply_err, fatal) = self.commit_failure(&err);
-                        for (_, plan, pre_lease, reply) in plans {
-                            self.discard_plan(&plan, pre_lease);
-                            release_unused(&self.inner.store, pre_lease);
-                            let _ = reply.send(Err(reply_err.clone()));
+                        for planned in plans {
+                            match planned {
+                                Planned::Acquire {
+                                    plan,
+                                    pre_lease,
+                                    reply,
+                                    ..
+                                } => {
+                                    self.discard_plan(&plan, pre_lease);
+                                    release_unused(&self.inner.store, pre_lease);
+                                    let _ = reply.send(Err(reply_err.clone()));
+                                }
+                                Planned::Release { item, .. } => item.fail(reply_err.clone()),
+                            }
                         }
                         if let Some(fatal) = fatal {
-                            for (_, pre_lease, reply) in deferred {
-                                release_unused(&self.inner.store, pre_lease);
-                                let _ = reply.send(Err(reply_err.clone()));
+                            for item in deferred {
+                                if let Item::Acquire { pre_lease, .. } = &item {
+                                    release_unused(&self.inner.store, *pre_lease);
+                                }
+                                item.fail(reply_err.clone());
                             }
                             return Err(fatal);
                         }
@@ -1761,6 +1982,7 @@ impl Actor {
 
     fn apply_overlay(&mut self, overlay: Overlay) {
         let Overlay {
+            released: _,
             budgets,
             granted_scopes: _,
             held: _,
@@ -1801,7 +2023,7 @@ impl Actor {
                 }
                 self.view.leases.insert(
                     record.lease_id.clone(),
-                    crate::view::LeaseEntry {
+                    LeaseEntry {
                         record,
                         token,
                         store_lease: store_lease.0,
@@ -1913,18 +2135,7 @@ impl Actor {
                 let r = self.register(host, labels).await;
                 self.finish(r, reply)
             }
-            Cmd::Release {
-                lease_id,
-                token,
-                outcome,
-                detail,
-                reply,
-            } => {
-                let r = self
-                    .end_lease(&lease_id, Some(token), EndKind::Release(outcome, detail))
-                    .await;
-                self.finish(r, reply)
-            }
+            Cmd::Release { .. } => unreachable!("releases are batched"),
             Cmd::Revoke {
                 lease_id,
                 reason,
@@ -2089,53 +2300,51 @@ impl Actor {
         }
     }
 
-    async fn end_lease(
-        &mut self,
+    /// Adds the writes that end a lease to `tx`: the slot's deletion, guarded by the token
+    /// it was granted under, and the audit record. Returns the lease and its outcome label.
+    fn end_lease_txn(
+        &self,
         lease_id: &str,
         token: Option<u64>,
         kind: EndKind,
-    ) -> Result<(), Result<EngineError, String>> {
+        tx: &mut TxnBuilder,
+    ) -> Result<(LeaseEntry, &'static str), EngineError> {
         let entry = self.view.leases.get(lease_id).cloned().ok_or_else(|| {
-            Ok(EngineError::FailedPrecondition(format!(
+            EngineError::FailedPrecondition(format!(
                 "lease {lease_id} is not live (already released, revoked or expired)"
-            )))
+            ))
         })?;
         if let Some(token) = token
             && token != entry.token
         {
-            return Err(Ok(EngineError::FailedPrecondition(format!(
+            return Err(EngineError::FailedPrecondition(format!(
                 "lease {lease_id} is held under token {}, not {token}",
                 entry.token
-            ))));
+            )));
         }
-        let now = now_ms();
         let scope = Scope {
             class: entry.record.class.clone(),
             service: entry.record.service.clone(),
         };
         let slot_key = self.inner.keys.slot(&scope, entry.record.slot);
-        let mut tx = TxnBuilder::default();
         tx.compares.push(Compare::ModRevision {
             key: slot_key.clone(),
             op: CmpOp::Equal,
             rev: i64::try_from(entry.token).unwrap_or(i64::MAX),
         });
         tx.ops.push(Op::Delete { key: slot_key });
-        let outcome_label;
-        let mut d = match kind {
+        let (label, mut d) = match kind {
             EndKind::Release(outcome, detail) => {
-                outcome_label = outcome.as_str();
                 let mut d =
                     AuditDraft::new(AuditKind::Outcome, format!("host:{}", entry.record.host));
                 d.reason = Some(outcome.as_str().to_owned());
                 d.detail = json!({"outcome": outcome.as_str(), "detail": detail});
-                d
+                (outcome.as_str(), d)
             }
             EndKind::Revoke { reason, operator } => {
-                outcome_label = "revoked";
                 let mut d = AuditDraft::new(AuditKind::Revoke, format!("operator:{operator}"));
                 d.reason = Some(reason);
-                d
+                ("revoked", d)
             }
         };
         d.class = Some(entry.record.class.clone());
@@ -2144,12 +2353,28 @@ impl Actor {
         d.lease_id = Some(lease_id.to_owned());
         d.token = Some(entry.token);
         tx.drafts.push(d);
-        self.commit_or(tx, now).await?;
-        self.view.leases.remove(lease_id);
-        self.inner
-            .metrics
-            .outcome(&entry.record.class, outcome_label);
+        Ok((entry, label))
+    }
+
+    /// After an ending committed: forget the lease and give its store lease back.
+    fn lease_ended(&mut self, entry: &LeaseEntry, label: &str) {
+        self.view.leases.remove(&entry.record.lease_id);
+        self.inner.metrics.outcome(&entry.record.class, label);
         release_unused(&self.inner.store, Some(LeaseId(entry.store_lease)));
+    }
+
+    async fn end_lease(
+        &mut self,
+        lease_id: &str,
+        token: Option<u64>,
+        kind: EndKind,
+    ) -> Result<(), Result<EngineError, String>> {
+        let mut tx = TxnBuilder::default();
+        let (entry, label) = self
+            .end_lease_txn(lease_id, token, kind, &mut tx)
+            .map_err(Ok)?;
+        self.commit_or(tx, now_ms()).await?;
+        self.lease_ended(&entry, label);
         Ok(())
     }
 
@@ -2205,31 +2430,17 @@ impl Actor {
                 let mut tx = TxnBuilder::default();
                 let mut ended = Vec::new();
                 for id in chunk {
-                    let Some(entry) = self.view.leases.get(id).cloned() else {
-                        continue;
+                    let kind = EndKind::Revoke {
+                        reason: format!("freeze --revoke: {reason}"),
+                        operator: operator.clone(),
                     };
-                    let scope = Scope {
-                        class: entry.record.class.clone(),
-                        service: entry.record.service.clone(),
-                    };
-                    tx.ops.push(Op::Delete {
-                        key: self.inner.keys.slot(&scope, entry.record.slot),
-                    });
-                    let mut d = AuditDraft::new(AuditKind::Revoke, owner.clone());
-                    d.class = Some(entry.record.class.clone());
-                    d.host = Some(entry.record.host.clone());
-                    d.target = Some(entry.record.target.clone());
-                    d.lease_id = Some(id.clone());
-                    d.token = Some(entry.token);
-                    d.reason = Some(format!("freeze --revoke: {reason}"));
-                    tx.drafts.push(d);
-                    ended.push(entry);
+                    if let Ok(ending) = self.end_lease_txn(id, None, kind, &mut tx) {
+                        ended.push(ending);
+                    }
                 }
                 self.commit_or(tx, now_ms()).await?;
-                for entry in ended {
-                    self.view.leases.remove(&entry.record.lease_id);
-                    self.inner.metrics.outcome(&entry.record.class, "revoked");
-                    release_unused(&self.inner.store, Some(LeaseId(entry.store_lease)));
+                for (entry, label) in ended {
+                    self.lease_ended(&entry, label);
                     revoked += 1;
                 }
             }
@@ -2294,7 +2505,7 @@ impl Actor {
                     key: keys.host_block(c, h),
                 });
                 let mut budget = self.view.budget(c);
-                budget.host_grants.remove(&HostId(h.clone()));
+                budget.reset_host(&HostId(h.clone()));
                 tx.ops.push(Op::Put {
                     key: keys.budget(c),
                     value: serde_json::to_vec(&budget).expect("budgets serialise"),

@@ -60,6 +60,9 @@ struct ServeArgs {
     /// Leadership lease TTL; a dead leader is replaced within about this long.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     election_ttl: Duration,
+    /// Audit records kept in the store (at least 100); the oldest are deleted beyond that.
+    #[arg(long, default_value_t = 100_000)]
+    audit_retention: u64,
 }
 
 fn main() -> ExitCode {
@@ -134,6 +137,7 @@ async fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
         host_ttl: args.host_ttl,
         election_ttl: args.election_ttl,
         failpoint_pause_before_grant_commit: failpoint,
+        audit_retention: args.audit_retention,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

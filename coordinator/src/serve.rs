@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub host_ttl: Duration,
     pub election_ttl: Duration,
     pub failpoint_pause_before_grant_commit: Option<Duration>,
+    /// Audit records kept; older ones are deleted in chunks of 100.
+    pub audit_retention: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,7 @@ pub async fn run(
             host_ttl: options.host_ttl,
             election_ttl: options.election_ttl,
             failpoint_pause_before_grant_commit: options.failpoint_pause_before_grant_commit,
+            audit_retention: options.audit_retention,
         },
         metrics.clone(),
     );

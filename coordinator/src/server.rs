@@ -483,7 +483,7 @@ impl Operator for Services {
                 let name = name.as_str();
                 let state = snap.view.budget(name);
                 let hosts = state
-                    .host_grants
+                    .hosts
                     .keys()
                     .map(|h| pb::HostBudget {
                         host_id: h.0.clone(),

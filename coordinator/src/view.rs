@@ -34,6 +34,19 @@ impl Keys {
     pub fn root(&self) -> String {
         format!("{}/", self.root)
     }
+    /// Every prefix the view is built from (everything but the audit log and the election).
+    pub fn state_prefixes(&self) -> [String; 7] {
+        [
+            "hosts/",
+            "slots/",
+            "budget/",
+            "freeze/",
+            "mode/",
+            "approvals/",
+            "policy",
+        ]
+        .map(|p| format!("{}/{p}", self.root))
+    }
     pub fn election(&self) -> String {
         format!("{}/leader", self.root)
     }

@@ -48,7 +48,8 @@ async fn sixty_four_acquirers_never_see_more_than_three_holders() {
                     Got::Granted {
                         lease_id, token, ..
                     } => {
-                        tokio::time::sleep(Duration::from_millis(1 + next(&mut rng) % 20)).await;
+                        // Holds long against the round trip, so that the cap is visibly full.
+                        tokio::time::sleep(Duration::from_millis(20 + next(&mut rng) % 40)).await;
                         let released = Instant::now();
                         client::release(&mut agent, &lease_id, token).await;
                         held.push(HeldInterval {

@@ -123,3 +123,59 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
         "grant and outcome carry the same token"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_keeps_the_newest_records_and_the_chain_verifies() {
+    let etcd = Etcd::start().expect("etcd");
+    let mut options = CoordinatorOptions::etcd(
+        etcd.endpoint(),
+        fresh_prefix("retention"),
+        &policy("10", "autonomous", 100_000, 100_000, "60s"),
+    );
+    options.audit_retention = Some(100);
+    let coordinator = Coordinator::start(&options).expect("coordinator");
+    coordinator.wait_leader(Duration::from_secs(10)).unwrap();
+    let channel = client::channel(&coordinator.url()).await;
+    super::register_hosts(&channel, "r", "web", 1).await;
+    let mut agent = client::agent(&channel);
+    // 250 grants and 250 outcomes: 501 records with the policy load.
+    for i in 0..250 {
+        let got = client::acquire(&mut agent, "r00", "disk_cleanup", &format!("/{i}")).await;
+        let client::Got::Granted {
+            lease_id, token, ..
+        } = got
+        else {
+            panic!("{got:?}")
+        };
+        client::release(&mut agent, &lease_id, token).await;
+    }
+    let audit = client::operator(&channel)
+        .audit(pb::AuditRequest {
+            since_ms: 0,
+            class: String::new(),
+            host: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = audit.records.first().expect("records").seq;
+    let last = audit.records.last().expect("records").seq;
+    assert_eq!(last, 501, "every record was written");
+    assert!(first > 1, "old records were trimmed");
+    assert!(
+        (100..=200).contains(&audit.records.len()),
+        "kept between the retention and one chunk more: {}",
+        audit.records.len()
+    );
+    assert_eq!(
+        u64::try_from(audit.records.len()).unwrap(),
+        last - first + 1,
+        "no gaps"
+    );
+    assert!(
+        audit.chain_ok,
+        "the retained chain verifies: {}",
+        audit.chain_error
+    );
+}

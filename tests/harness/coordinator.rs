@@ -38,15 +38,19 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = target_dir();
     let result = BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--bins",
-                "-p",
-                "interlock-coordinator",
-                "-p",
-                "interlock-agent",
-            ])
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "interlock-coordinator",
+            "-p",
+            "interlock-agent",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
             .current_dir(workspace_root())
             .status()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -69,13 +73,16 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `target/debug` of the running test binary (which lives in `target/debug/deps`).
+/// `target/<profile>` of the running binary: a test lives in `target/<profile>/deps`, a
+/// benchmark binary in `target/<profile>`.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("the binary has a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// How to start a coordinator.
@@ -87,6 +94,7 @@ pub struct CoordinatorOptions {
     pub policy: String,
     pub host_ttl: &'static str,
     pub election_ttl: &'static str,
+    pub audit_retention: Option<u64>,
     pub env: Vec<(String, String)>,
 }
 
@@ -98,6 +106,7 @@ impl CoordinatorOptions {
             policy: policy.to_owned(),
             host_ttl: "10s",
             election_ttl: "2s",
+            audit_retention: None,
             env: Vec::new(),
         }
     }
@@ -151,6 +160,9 @@ impl Coordinator {
             None => {
                 cmd.arg("--data-dir").arg(dir.path().join("data"));
             }
+        }
+        if let Some(n) = options.audit_retention {
+            cmd.arg("--audit-retention").arg(n.to_string());
         }
         for (k, v) in &options.env {
             cmd.env(k, v);

@@ -57,7 +57,8 @@ async fn next_event(stream: &mut WatchStream, within: Duration) -> WatchEvent {
 
 /// Runs every check, each under a fresh prefix.
 pub async fn run_all(store: DynStore) {
-    let checks: [(&str, Check); 13] = [
+    let checks: [(&str, Check); 14] = [
+        ("prefix_ends", |s, p| Box::pin(prefix_ends(s, p))),
         ("put_get_range", |s, p| Box::pin(put_get_range(s, p))),
         ("create_revision_once", |s, p| {
             Box::pin(create_revision_once(s, p))
@@ -492,6 +493,22 @@ pub async fn lease_expiry(store: DynStore, p: String) {
     );
     assert_eq!(store.get(&k).await.expect("get"), None);
     assert_eq!(store.lease_time_to_live(lease).await.expect("ttl"), None);
+}
+
+/// `prefix_ends` finds the first and last key under a prefix, and none of a neighbour's.
+pub async fn prefix_ends(store: DynStore, p: String) {
+    let (pa, pb) = (format!("{p}a/"), format!("{p}b/"));
+    assert_eq!(store.prefix_ends(&pa).await.expect("ends"), (None, None));
+    for i in [5u32, 1, 9, 3] {
+        put_one(&store, &format!("{pa}{i:04}"), "v").await;
+    }
+    put_one(&store, &format!("{pb}0000"), "neighbour").await;
+    put_one(&store, &format!("{p}a"), "the prefix without its slash").await;
+    let (first, last) = store.prefix_ends(&pa).await.expect("ends");
+    assert_eq!(first.map(|kv| kv.key), Some(format!("{pa}0001")));
+    assert_eq!(last.map(|kv| kv.key), Some(format!("{pa}0009")));
+    let (first, last) = store.prefix_ends(&pb).await.expect("ends");
+    assert_eq!(first.map(|kv| kv.key.clone()), last.map(|kv| kv.key));
 }
 
 pub async fn prefix_isolation(store: DynStore, p: String) {

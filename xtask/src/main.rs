@@ -238,14 +238,21 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     setup::require_root("the agent loads eBPF programs")?;
     run_cmd(cargo().args(["build", "--locked", "--bins"]))?;
     let bin = root().join("target/debug");
+    let policy = root().join("deploy/examples/policy.toml");
+    let data = root().join("target/quickstart");
+    std::fs::create_dir_all(&data)?;
+    // The embedded store: the one-host quickstart needs no etcd.
     let mut coordinator = Command::new(bin.join("interlock"))
-        .args(["serve", "--listen", "127.0.0.1:7400"])
+        .args(["serve", "--listen", "127.0.0.1:7400", "--config"])
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(&data)
         .spawn()
         .context("starting the coordinator")?;
     let result = (|| -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let ping = Command::new(bin.join("interlock")).arg("ping").output()?;
+            let ping = Command::new(bin.join("interlock")).arg("status").output()?;
             if ping.status.success() {
                 print!("{}", String::from_utf8_lossy(&ping.stdout));
                 break;
@@ -270,11 +277,36 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     result
 }
 
+/// Benchmarks, each a release binary of the tests package that starts what it measures.
+const BENCHES: [&str; 1] = ["coordinator"];
+
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    match args.first().map(String::as_str) {
-        Some(name) => bail!("unknown benchmark `{name}`; none is built yet"),
-        None => bail!("usage: cargo xtask bench NAME; none is built yet"),
-    }
+    let name = match args.first().map(String::as_str) {
+        Some(name) if BENCHES.contains(&name) => name,
+        Some(name) => bail!(
+            "unknown benchmark `{name}`; available: {}",
+            BENCHES.join(", ")
+        ),
+        None => bail!(
+            "usage: cargo xtask bench NAME; available: {}",
+            BENCHES.join(", ")
+        ),
+    };
+    setup::run()?;
+    let object = build_ebpf_object()?;
+    run_cmd(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "interlock-tests",
+                "--bin",
+            ])
+            .arg(format!("bench-{name}"))
+            .env("INTERLOCK_EBPF_OBJECT", &object),
+    )
 }
 
 fn chaos(args: &[String]) -> anyhow::Result<()> {

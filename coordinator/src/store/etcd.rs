@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -210,6 +210,28 @@ impl Store for EtcdStore {
             let revision = header_revision(resp.header())?;
             let kvs = resp.kvs().iter().map(kv_from).collect::<StoreResult<_>>()?;
             Ok(Range { revision, kvs })
+        })
+    }
+
+    fn prefix_ends<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, (Option<Kv>, Option<Kv>)> {
+        Box::pin(async move {
+            let mut kv = self.client.kv_client();
+            let end = |order| {
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, order)
+                    .with_limit(1)
+            };
+            let first = self
+                .bounded("range", kv.get(prefix, Some(end(SortOrder::Ascend))))
+                .await?;
+            let last = self
+                .bounded("range", kv.get(prefix, Some(end(SortOrder::Descend))))
+                .await?;
+            Ok((
+                first.kvs().first().map(kv_from).transpose()?,
+                last.kvs().first().map(kv_from).transpose()?,
+            ))
         })
     }
 

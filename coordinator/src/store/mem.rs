@@ -528,6 +528,27 @@ impl Store for MemStore {
         })
     }
 
+    fn prefix_ends<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, (Option<Kv>, Option<Kv>)> {
+        Box::pin(async move {
+            let state = self.state().await?;
+            let first = state
+                .kvs
+                .range(prefix.to_owned()..)
+                .next()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, e)| kv_of(k, e));
+            // The last key under the prefix is the last one before the prefix's successor
+            // (the prefix with its last character incremented), found without a scan.
+            let last = match prefix_successor(prefix) {
+                Some(end) => state.kvs.range(prefix.to_owned()..end).next_back(),
+                None => state.kvs.range(prefix.to_owned()..).next_back(),
+            }
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| kv_of(k, e));
+            Ok((first, last))
+        })
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Kv>> {
         Box::pin(async move {
             let state = self.state().await?;
@@ -654,4 +675,16 @@ impl Store for MemStore {
             })
         })
     }
+}
+
+/// The smallest string greater than every string starting with `prefix`, if there is one.
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(c) = chars.pop() {
+        if let Some(next) = char::from_u32(u32::from(c) + 1) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }

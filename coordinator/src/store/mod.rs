@@ -213,6 +213,10 @@ pub trait Store: Send + Sync {
 
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Kv>>;
 
+    /// The first and the last key under `prefix` (in key order), without reading the rest:
+    /// how the coordinator finds its audit chain's head and tail among many records.
+    fn prefix_ends<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, (Option<Kv>, Option<Kv>)>;
+
     /// Atomically: if every compare holds, apply `success`, else apply `failure`. The returned
     /// revision is the fencing token (see the module docs). Two puts to one key, or a put to a
     /// key a delete in the same branch covers, are refused as in etcd.
