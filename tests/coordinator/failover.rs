@@ -104,3 +104,29 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
     );
     assert!(audit.chain_ok, "{}", audit.chain_error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_resigns_so_the_next_replica_leads_without_waiting_for_the_ttl() {
+    let etcd = Etcd::start().expect("etcd");
+    let mut options = CoordinatorOptions::etcd(
+        etcd.endpoint(),
+        fresh_prefix("sigterm"),
+        &policy("1", "autonomous", 1000, 1000, "10s"),
+    );
+    // A long election TTL: a replica that merely died would hold leadership for 10 s.
+    options.election_ttl = "10s";
+    let mut a = Coordinator::start(&options).expect("replica a");
+    a.wait_leader(Duration::from_secs(10)).expect("a leads");
+    let b = Coordinator::start(&options).expect("replica b");
+    let stopped_at = Instant::now();
+    let status = a.terminate(Duration::from_secs(10)).expect("a exits");
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    assert!(a.log().contains("resigned leadership"), "{}", a.log());
+    b.wait_leader(Duration::from_secs(5)).expect("b leads");
+    let took = stopped_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "b led {took:?} after SIGTERM, before a's 10 s TTL ran out"
+    );
+    println!("SIGTERM handover: {took:?}");
+}

@@ -5,6 +5,7 @@
 mod bad_input;
 mod budget;
 mod cap;
+mod cli;
 mod durability;
 mod expiry;
 mod failover;
