@@ -1,6 +1,13 @@
 //! The Interlock host agent as a library: `main.rs` only parses flags and calls into here.
 //!
-//! Owns the kernel probes (`probes`) today; detectors, pressure readers and actions join as
-//! they are built. Decision logic added here must stay free of I/O (see ARCHITECTURE.md).
+//! - `probes`: kernel probes (the only module that imports `aya`).
+//! - `pressure`: PSI, memory, disk and cgroup readers (procfs/sysfs).
+//! - `detect`: pure detectors (data and `now` in, findings out).
+//! - `finding`: the finding type shared by detectors, reporting and actions.
+//!
+//! Decision logic stays free of I/O (see ARCHITECTURE.md).
 
+pub mod detect;
+pub mod finding;
+pub mod pressure;
 pub mod probes;

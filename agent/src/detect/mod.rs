@@ -1,0 +1,2 @@
+//! Detectors: pure code that turns windows of signals into [`crate::finding::Finding`]s.
+//! (Being written.)

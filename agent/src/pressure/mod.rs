@@ -1,0 +1,1 @@
+//! Resource pressure from procfs/sysfs. (Being written.)
