@@ -126,16 +126,7 @@ async fn exhausting_the_fleet_budget_freezes_alerts_and_holds_until_unfreeze() {
         .expect("unfreeze");
     let got = client::acquire(&mut agent, "b00", "disk_cleanup", "/t5").await;
     assert!(matches!(got, client::Got::Granted { .. }), "{got:?}");
-    let audit = operator
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: "disk_cleanup".into(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client::audit(&operator, Some("disk_cleanup"), None).await;
     let kinds: Vec<&str> = audit.records.iter().map(|r| r.kind.as_str()).collect();
     for kind in ["deny", "freeze", "alert", "unfreeze"] {
         assert!(kinds.contains(&kind), "audit has {kind}: {kinds:?}");

@@ -104,11 +104,8 @@ async fn the_cli_reports_decisions_by_exit_code_and_dry_runs_change_nothing() {
         .to_string();
     let leases = json(&interlock(&url, &["-o", "json", "leases"]));
     let listed = leases["leases"].as_array().expect("leases");
-    assert!(
-        listed
-            .iter()
-            .any(|l| l["lease_id"] == lease.as_str() && l["token"].to_string() == token)
-    );
+    assert!(listed.iter().any(|l| l["lease_id"] == lease.as_str()
+        && l["token"].as_u64().map(|t| t.to_string()).as_ref() == Some(&token)));
     let out = interlock(
         &url,
         &[

@@ -32,16 +32,8 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
         };
         acked.push((lease_id, token));
     }
-    let before = client::operator(&channel)
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
+    let before = client::audit(&client::operator(&channel), None, None)
         .await
-        .unwrap()
-        .into_inner()
         .records;
 
     coordinator.kill();
@@ -70,16 +62,7 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
             "acknowledged lease {id} (token {token}) lost: {leases:?}"
         );
     }
-    let after = op
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = client::audit(&op, None, None).await;
     assert!(after.chain_ok, "chain: {}", after.chain_error);
     for record in &before {
         assert!(
@@ -102,16 +85,7 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
     let mut agent = client::agent(&channel);
     let (id, token) = &acked[0];
     client::release(&mut agent, id, *token).await;
-    let last = op
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let last = client::audit(&op, None, None).await;
     assert!(last.chain_ok, "{}", last.chain_error);
     let outcome = last
         .records
@@ -149,16 +123,7 @@ async fn audit_retention_keeps_the_newest_records_and_the_chain_verifies() {
         };
         client::release(&mut agent, &lease_id, token).await;
     }
-    let audit = client::operator(&channel)
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client::audit(&client::operator(&channel), None, None).await;
     let first = audit.records.first().expect("records").seq;
     let last = audit.records.last().expect("records").seq;
     assert_eq!(last, 501, "every record was written");

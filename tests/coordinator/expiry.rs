@@ -133,16 +133,7 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
         let _ = child.wait();
     }
     // The audit log says the leases ran out.
-    let audit = client::operator(&f.channel)
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client::audit(&client::operator(&f.channel), None, None).await;
     let expired = audit.records.iter().filter(|r| r.kind == "expired").count();
     assert!(expired >= 1, "expiry audited");
     assert!(audit.chain_ok, "{}", audit.chain_error);

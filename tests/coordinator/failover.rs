@@ -88,16 +88,7 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
         "the cap of 1 held across the failover: {leases:?}"
     );
     assert_eq!(leases[0].host_id, "f2");
-    let audit = client::operator(&channel_c)
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: "f1".into(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client::audit(&client::operator(&channel_c), None, Some("f1")).await;
     assert!(
         !audit.records.iter().any(|r| r.kind == "grant"),
         "the fenced grant left no record"

@@ -183,16 +183,7 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
 
     // The audit log tells the story with owners.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let audit = op
-        .audit(pb::AuditRequest {
-            since_ms: 0,
-            class: String::new(),
-            host: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client::audit(&op, None, None).await;
     let has = |kind: &str, owner: &str| {
         audit
             .records

@@ -137,6 +137,25 @@ pub async fn release(agent: &mut AgentClient<Channel>, lease_id: &str, token: u6
         .unwrap_or_else(|e| panic!("release {lease_id}: {e}"));
 }
 
+/// The whole audit log (optionally filtered by class and host), with its chain verdict.
+pub async fn audit(
+    operator: &OperatorClient<Channel>,
+    class: Option<&str>,
+    host: Option<&str>,
+) -> pb::AuditReply {
+    operator
+        .clone()
+        .audit(pb::AuditRequest {
+            since_ms: 0,
+            class: class.unwrap_or_default().to_owned(),
+            host: host.unwrap_or_default().to_owned(),
+            limit: 0,
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+}
+
 /// One lease as a client saw it: `[acquired, released]` is when it certainly held it (after
 /// the grant's answer arrived, before the release was sent).
 #[derive(Clone, Debug)]
