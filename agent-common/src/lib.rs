@@ -98,14 +98,225 @@ pub mod inet_sock_set_state {
     ];
 }
 
-/// Indexes into the per-CPU `COUNTERS` array that the eBPF programs keep.
+/// Indexes into the per-CPU `COUNTERS` array that the eBPF programs keep. Every ring buffer has
+/// a `*_SENT` and a `*_DROPPED` counter, so that for each ring
+/// `received by user space + dropped == generated` can be checked.
 pub mod counter {
-    /// Events written to the ring buffer.
+    /// Events written to the `TCP_EVENTS` ring buffer.
     pub const EVENTS_SENT: u32 = 0;
-    /// Events lost because the ring buffer was full (`bpf_ringbuf_reserve` failed).
+    /// Events lost because `TCP_EVENTS` was full (`bpf_ringbuf_reserve` failed).
     pub const EVENTS_DROPPED: u32 = 1;
+    /// Events written to the `PROCESS_EVENTS` ring buffer (exits and OOM kills).
+    pub const PROCESS_SENT: u32 = 2;
+    /// Events lost because `PROCESS_EVENTS` was full.
+    pub const PROCESS_DROPPED: u32 = 3;
+    /// Events written to the `CONNECT_FAILURES` ring buffer.
+    pub const CONNECT_FAILURES_SENT: u32 = 4;
+    /// Events lost because `CONNECT_FAILURES` was full.
+    pub const CONNECT_FAILURES_DROPPED: u32 = 5;
+    /// `inet_sock_set_state` runs for another protocol than TCP (ignored, no event).
+    pub const NOT_TCP: u32 = 6;
+    /// Updates of the `CONNECTING` or `TCP_FLOWS` maps the kernel refused.
+    pub const MAP_UPDATE_FAILED: u32 = 7;
     /// Number of counters; the size of the `COUNTERS` map.
-    pub const LEN: u32 = 2;
+    pub const LEN: u32 = 8;
+}
+
+/// What a [`ProcessEvent`] reports.
+pub mod process_event_kind {
+    /// A thread group ended (`tp_btf/sched_process_exit` with `group_dead`).
+    pub const EXIT: u32 = 1;
+    /// The OOM killer chose a victim (`oom:mark_victim`).
+    pub const OOM_KILL: u32 = 2;
+}
+
+/// A process exit or an OOM kill: rare, urgent events that wake user space.
+///
+/// For `EXIT`, `exit_code` is `task_struct::exit_code` in wait-status form: the low 7 bits are
+/// the fatal signal (0 if none), bit 7 says a core was dumped, bits 8..16 are the exit status.
+/// The OOM-only fields are in KiB as the tracepoint reports them and zero for exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// `bpf_ktime_get_ns()` when the event happened.
+    pub ts_ns: u64,
+    /// One of `process_event_kind::*`.
+    pub kind: u32,
+    /// Thread-group id (the user-visible pid) of the process that exited or was chosen.
+    pub pid: u32,
+    /// For `EXIT`, the thread whose exit ended the group; for `OOM_KILL`, the task that ran
+    /// the OOM killer (often not the victim).
+    pub tid: u32,
+    pub exit_code: i32,
+    /// For `OOM_KILL`: the victim's uid.
+    pub uid: u32,
+    /// For `OOM_KILL`: the victim's `oom_score_adj`.
+    pub oom_score_adj: i16,
+    pub _pad: [u8; 2],
+    pub total_vm_kb: u64,
+    pub anon_rss_kb: u64,
+    pub file_rss_kb: u64,
+    pub shmem_rss_kb: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
+unsafe impl aya::Pod for ProcessEvent {}
+
+/// Names of the globals through which the agent passes `task_struct` offsets, computed from the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`), to the exit program, which reads the field
+/// with `bpf_probe_read_kernel`: Rust eBPF objects carry no CO-RE relocations. pid, tgid and
+/// comm need no offsets: the program runs in the exiting task and uses the current-task helpers.
+pub mod task_struct_globals {
+    pub const EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
+}
+
+/// A connect that never reached ESTABLISHED (`SYN_SENT -> CLOSE`): refused, timed out,
+/// unreachable, or abandoned by the application. The pid and comm are those of the task that
+/// called `connect` (captured at `CLOSE -> SYN_SENT`, in process context), not of whoever
+/// handled the packet that ended it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectFailureEvent {
+    /// `bpf_ktime_get_ns()` when the socket went to CLOSE.
+    pub ts_ns: u64,
+    /// `bpf_ktime_get_ns()` when the connect started (SYN_SENT).
+    pub started_ns: u64,
+    pub skaddr: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// 1 if a RST was received for this socket while connecting (`tcp:tcp_receive_reset`).
+    pub reset_received: u8,
+    pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
+unsafe impl aya::Pod for ConnectFailureEvent {}
+
+/// A TCP flow as the kernel's tracepoints name it, from the local side: `saddr:sport` is this
+/// host. Ports are in host byte order; IPv4 addresses sit in the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
+unsafe impl aya::Pod for FlowKey {}
+
+/// Per-flow failure counters in the `TCP_FLOWS` LRU per-CPU hash map; user space sums the
+/// per-CPU values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// `tcp:tcp_retransmit_skb` hits.
+    pub retransmits: u64,
+    /// `tcp:tcp_send_reset` hits (this host sent a RST).
+    pub resets_sent: u64,
+    /// `tcp:tcp_receive_reset` hits (this host received a RST).
+    pub resets_received: u64,
+    /// `bpf_ktime_get_ns()` of the latest hit on this CPU.
+    pub last_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, integers only, no padding (size test below).
+unsafe impl aya::Pod for FlowCounters {}
+
+/// Offsets in the `oom:mark_victim` record (`include/trace/events/oom.h`), checked against the
+/// running kernel's format file before loading.
+pub mod mark_victim {
+    pub const PID: usize = 8;
+    /// `__data_loc char[] comm`: a u32 whose low 16 bits are the string's offset in the record.
+    pub const COMM: usize = 12;
+    pub const TOTAL_VM: usize = 16;
+    pub const ANON_RSS: usize = 24;
+    pub const FILE_RSS: usize = 32;
+    pub const SHMEM_RSS: usize = 40;
+    pub const UID: usize = 48;
+    pub const OOM_SCORE_ADJ: usize = 64;
+    pub const FIELDS: [(&str, usize); 8] = [
+        ("pid", PID),
+        ("comm", COMM),
+        ("total_vm", TOTAL_VM),
+        ("anon_rss", ANON_RSS),
+        ("file_rss", FILE_RSS),
+        ("shmem_rss", SHMEM_RSS),
+        ("uid", UID),
+        ("oom_score_adj", OOM_SCORE_ADJ),
+    ];
+}
+
+/// Offsets in the `tcp:tcp_retransmit_skb` record (`include/trace/events/tcp.h`). The IPv4
+/// addresses are only 2-byte aligned, so the program reads them as two 16-bit loads.
+pub mod tcp_retransmit_skb {
+    pub const SPORT: usize = 28;
+    pub const DPORT: usize = 30;
+    pub const FAMILY: usize = 32;
+    pub const SADDR: usize = 34;
+    pub const DADDR: usize = 38;
+    pub const SADDR_V6: usize = 42;
+    pub const DADDR_V6: usize = 58;
+    pub const FIELDS: [(&str, usize); 7] = [
+        ("sport", SPORT),
+        ("dport", DPORT),
+        ("family", FAMILY),
+        ("saddr", SADDR),
+        ("daddr", DADDR),
+        ("saddr_v6", SADDR_V6),
+        ("daddr_v6", DADDR_V6),
+    ];
+}
+
+/// Offsets in the `tcp:tcp_send_reset` record (`include/trace/events/tcp.h`). Its `saddr` and
+/// `daddr` are `struct sockaddr_in6`-sized blobs holding a `sockaddr_in` or `sockaddr_in6`
+/// (family, big-endian port, address), already oriented so that `saddr` is this host.
+pub mod tcp_send_reset {
+    pub const SKADDR: usize = 16;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 60;
+    /// Within a sockaddr: `sin_family`, `sin_port`, `sin_addr`, `sin6_addr`.
+    pub const SA_FAMILY: usize = 0;
+    pub const SA_PORT: usize = 2;
+    pub const SA_ADDR4: usize = 4;
+    pub const SA_ADDR6: usize = 8;
+    pub const FIELDS: [(&str, usize); 3] = [("skaddr", SKADDR), ("saddr", SADDR), ("daddr", DADDR)];
+}
+
+/// Offsets in the `tcp:tcp_receive_reset` record (`include/trace/events/tcp.h`).
+pub mod tcp_receive_reset {
+    pub const SKADDR: usize = 8;
+    pub const SPORT: usize = 16;
+    pub const DPORT: usize = 18;
+    pub const FAMILY: usize = 20;
+    pub const SADDR: usize = 22;
+    pub const DADDR: usize = 26;
+    pub const SADDR_V6: usize = 30;
+    pub const DADDR_V6: usize = 46;
+    pub const FIELDS: [(&str, usize); 8] = [
+        ("skaddr", SKADDR),
+        ("sport", SPORT),
+        ("dport", DPORT),
+        ("family", FAMILY),
+        ("saddr", SADDR),
+        ("daddr", DADDR),
+        ("saddr_v6", SADDR_V6),
+        ("daddr_v6", DADDR_V6),
+    ];
 }
 
 #[cfg(test)]
@@ -117,5 +328,25 @@ mod tests {
         let fields = 8 + 8 + 4 + 4 + 4 + 4 + 2 * 4 + 16 + 16 + COMM_LEN;
         assert_eq!(size_of::<TcpStateEvent>(), fields);
         assert_eq!(align_of::<TcpStateEvent>(), 8);
+    }
+
+    #[test]
+    fn process_event_has_no_implicit_padding() {
+        let fields = 8 + 4 * 5 + 2 + 2 + 8 * 4 + COMM_LEN;
+        assert_eq!(size_of::<ProcessEvent>(), fields);
+        assert_eq!(align_of::<ProcessEvent>(), 8);
+    }
+
+    #[test]
+    fn connect_failure_event_has_no_implicit_padding() {
+        let fields = 8 * 3 + 4 * 2 + 2 * 3 + 1 + 1 + 16 + 16 + COMM_LEN;
+        assert_eq!(size_of::<ConnectFailureEvent>(), fields);
+        assert_eq!(align_of::<ConnectFailureEvent>(), 8);
+    }
+
+    #[test]
+    fn flow_records_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 2 * 4 + 16 + 16);
+        assert_eq!(size_of::<FlowCounters>(), 8 * 4);
     }
 }

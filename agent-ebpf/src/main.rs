@@ -8,6 +8,12 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod flows;
+#[cfg(target_arch = "bpf")]
+mod process;
+#[cfg(target_arch = "bpf")]
+mod shared;
+#[cfg(target_arch = "bpf")]
 mod tcp;
 
 #[cfg(target_arch = "bpf")]

@@ -1,32 +1,69 @@
-//! TCP lifecycle from the `sock:inet_sock_set_state` tracepoint.
+//! TCP lifecycle from the `sock:inet_sock_set_state` tracepoint: every transition goes to the
+//! `TCP_EVENTS` ring buffer, and connects that never reach ESTABLISHED go to the
+//! `CONNECT_FAILURES` ring buffer with the pid of the task that called `connect`.
 //!
 //! Field offsets come from `interlock_agent_common::inet_sock_set_state`; the agent checks the
 //! running kernel's tracepoint format file against them before it loads this program, so a
 //! kernel with another layout is refused with a clear error instead of producing garbage.
+//!
+//! Failed connects: `tcp_v4_connect`/`tcp_v6_connect` (`net/ipv4/tcp_ipv4.c`) move the socket
+//! CLOSE -> SYN_SENT in the caller's context, so the caller is remembered in `CONNECTING`,
+//! keyed by the socket's address. The socket later goes SYN_SENT -> ESTABLISHED (forgotten) or
+//! SYN_SENT -> CLOSE (a failed connect, often in softirq context where the current task is
+//! unrelated: the remembered task is reported).
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_ANY, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::{PerCpuArray, RingBuf},
+    macros::map,
+    macros::tracepoint,
+    maps::{LruHashMap, RingBuf},
     programs::TracePointContext,
 };
 use interlock_agent_common::{
-    IPPROTO_TCP, TcpStateEvent, counter,
+    AF_INET6, COMM_LEN, ConnectFailureEvent, IPPROTO_TCP, TcpStateEvent, counter,
     inet_sock_set_state::{
         DADDR, DADDR_V6, DPORT, FAMILY, NEWSTATE, OLDSTATE, PROTOCOL, SADDR, SADDR_V6, SKADDR,
         SPORT,
     },
+    tcp_state,
 };
 
-/// Discrete events for user space. Its size is overridden by the loader (`set_max_entries`).
+use crate::shared::{addr4, bump, field, split_pid_tgid};
+
+/// Discrete events for user space. Its size is overridden by the loader (`map_max_entries`).
 #[map]
 static TCP_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Per-CPU counters (bpfel has no atomic read-modify-write), indexed by `counter::*`.
+/// Failed connects for user space. Its size is overridden by the loader.
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+static CONNECT_FAILURES: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Who started a connect that is still in SYN_SENT. Kernel-only; never read by user space.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct ConnectStart {
+    started_ns: u64,
+    tgid: u32,
+    tid: u32,
+    comm: [u8; COMM_LEN],
+    reset_received: u8,
+    _pad: [u8; 7],
+}
+
+/// Sockets in SYN_SENT, keyed by socket address. LRU so that a missed CLOSE (e.g. the program
+/// attached mid-connect) can never fill it.
+#[map]
+static CONNECTING: LruHashMap<u64, ConnectStart> = LruHashMap::with_max_entries(8192, 0);
+
+/// Called by the `tcp_receive_reset` program: the connect on `skaddr` (if any) was refused.
+#[inline(always)]
+pub(crate) fn mark_connect_reset(skaddr: u64) {
+    if let Some(start) = CONNECTING.get_ptr_mut(skaddr) {
+        // SAFETY: a live map value; a racing writer could only set the same flag.
+        unsafe { (*start).reset_received = 1 };
+    }
+}
 
 #[tracepoint]
 pub fn tcp_state(ctx: TracePointContext) -> u32 {
@@ -35,19 +72,7 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
     }
 }
 
-/// Reads a field straight from the tracepoint record. Direct context reads are allowed for
-/// tracepoint programs and cost far fewer instructions than one probe-read helper per field.
-/// Every field read is naturally aligned in the record, so this is one load with a constant
-/// offset: the verifier refuses loads through a ctx pointer that was moved (as a byte-wise
-/// copy loop would do).
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: the offset is within the tracepoint record and aligned for `T` (the agent checks
-    // the kernel's format file before loading), and the verifier rejects the program otherwise.
-    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
-}
-
-/// A 16-byte IPv6 address field, read as two aligned 8-byte loads.
+/// A 16-byte IPv6 address field at an 8-byte aligned offset, read as two aligned 8-byte loads.
 #[inline(always)]
 fn addr16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
     let hi: u64 = field(ctx, offset);
@@ -58,56 +83,107 @@ fn addr16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
     out
 }
 
-#[inline(always)]
-fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
-    }
-}
-
 fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
     let protocol: u16 = field(ctx, PROTOCOL);
     if protocol != IPPROTO_TCP {
+        bump(counter::NOT_TCP);
         return Ok(0);
     }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = split_pid_tgid(pid_tgid);
+    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    let skaddr: u64 = field(ctx, SKADDR);
+    let oldstate: i32 = field(ctx, OLDSTATE);
+    let newstate: i32 = field(ctx, NEWSTATE);
+    let family: u16 = field(ctx, FAMILY);
+    let (saddr, daddr) = if family == AF_INET6 {
+        (addr16(ctx, SADDR_V6), addr16(ctx, DADDR_V6))
+    } else {
+        (addr4(ctx, SADDR), addr4(ctx, DADDR))
+    };
+    let sport: u16 = field(ctx, SPORT);
+    let dport: u16 = field(ctx, DPORT);
+
+    // Failed-connect tracking runs before the TCP_EVENTS reservation so that a full ring
+    // never hides a failed connect.
+    if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
+        let start = ConnectStart {
+            started_ns: now,
+            tgid,
+            tid,
+            comm,
+            reset_received: 0,
+            _pad: [0; 7],
+        };
+        if CONNECTING
+            .insert(skaddr, start, u64::from(BPF_ANY))
+            .is_err()
+        {
+            bump(counter::MAP_UPDATE_FAILED);
+        }
+    } else if oldstate == tcp_state::SYN_SENT {
+        if newstate == tcp_state::CLOSE
+            && let Some(start) = CONNECTING.get_ptr(skaddr)
+        {
+            // SAFETY: a live map value, copied out at once.
+            let start = unsafe { *start };
+            report_failed_connect(&ConnectFailureEvent {
+                ts_ns: now,
+                started_ns: start.started_ns,
+                skaddr,
+                tgid: start.tgid,
+                tid: start.tid,
+                sport,
+                dport,
+                family,
+                reset_received: start.reset_received,
+                _pad: 0,
+                saddr,
+                daddr,
+                comm: start.comm,
+            });
+        }
+        let _ = CONNECTING.remove(skaddr);
+    }
+
     let Some(mut entry) = TCP_EVENTS.reserve::<TcpStateEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
         return Err(1);
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let family: u16 = field(ctx, FAMILY);
-    let (saddr, daddr) = if family == interlock_agent_common::AF_INET6 {
-        (addr16(ctx, SADDR_V6), addr16(ctx, DADDR_V6))
-    } else {
-        let s: u32 = field(ctx, SADDR);
-        let d: u32 = field(ctx, DADDR);
-        let mut saddr = [0u8; 16];
-        let mut daddr = [0u8; 16];
-        saddr[..4].copy_from_slice(&s.to_ne_bytes());
-        daddr[..4].copy_from_slice(&d.to_ne_bytes());
-        (saddr, daddr)
-    };
-    let event = TcpStateEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: field(ctx, SKADDR),
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        oldstate: field(ctx, OLDSTATE),
-        newstate: field(ctx, NEWSTATE),
-        sport: field(ctx, SPORT),
-        dport: field(ctx, DPORT),
+    entry.write(TcpStateEvent {
+        ts_ns: now,
+        skaddr,
+        tgid,
+        tid,
+        oldstate,
+        newstate,
+        sport,
+        dport,
         family,
         protocol,
         saddr,
         daddr,
-        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-    };
-    entry.write(event);
+        comm,
+    });
     // Frequent events do not wake the consumer: user space drains the ring on a short timer.
     // Waking on every event costs several times more than the probe itself
     // (../shared/TOOLCHAIN.md, "Cost of eBPF events").
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
     bump(counter::EVENTS_SENT);
     Ok(0)
+}
+
+/// Failed connects can come in storms (a dead backend), so they do not wake the consumer.
+#[inline(always)]
+fn report_failed_connect(event: &ConnectFailureEvent) {
+    match CONNECT_FAILURES.reserve::<ConnectFailureEvent>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+            bump(counter::CONNECT_FAILURES_SENT);
+        }
+        None => bump(counter::CONNECT_FAILURES_DROPPED),
+    }
 }

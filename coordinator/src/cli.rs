@@ -83,6 +83,8 @@ pub enum OutputFormat {
     Table,
     /// One JSON object (per refresh with `--watch`) with the proto's field names, for scripts.
     Json,
+    /// Graphviz dot, for `interlock graph` only.
+    Dot,
 }
 
 /// The operator's subcommands; `run` executes one of them against the coordinator.
@@ -174,6 +176,14 @@ pub enum OperatorCommand {
     },
     /// Ask every coordinator replica who it is and whether it leads.
     Ping,
+    /// The fleet dependency graph from the flow edges agents report (`-o dot` for Graphviz).
+    Graph,
+    /// The latest findings agents reported.
+    Findings {
+        /// Only this host's findings.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        host: Option<String>,
+    },
 }
 
 /// `interlock lease …`: one lease by hand, as an agent would.
@@ -772,6 +782,27 @@ async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, Cl
             }
         }
         OperatorCommand::Ping => return ping(&replicas, args.output).await,
+        OperatorCommand::Graph => {
+            let (_, reply) = rpc!(replicas, OperatorClient, graph, pb::GraphRequest {})?;
+            if format == OutputFormat::Dot {
+                let mut stdout = std::io::stdout();
+                write!(stdout, "{}", graph_dot(&reply))?;
+                stdout.flush()?;
+            } else {
+                emit(format, &graph_json(&reply), &graph_text(&reply))?;
+            }
+        }
+        OperatorCommand::Findings { host } => {
+            let request = pb::FindingsRequest {
+                host: host.unwrap_or_default(),
+            };
+            let (_, reply) = rpc!(replicas, OperatorClient, findings, request)?;
+            emit(
+                format,
+                &findings_json(&reply),
+                &findings_text(&reply, now_ms()),
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -869,6 +900,12 @@ async fn watch_leases(
                 let mut stdout = std::io::stdout();
                 match format {
                     OutputFormat::Json => writeln!(stdout, "{}", leases_json(&reply))?,
+                    OutputFormat::Dot => {
+                        return Err(CliError::Refused(
+                            "`-o dot` is only for `interlock graph`; use `-o table` or `-o json`"
+                                .into(),
+                        ));
+                    }
                     OutputFormat::Table => {
                         if clear_screen {
                             write!(stdout, "\x1b[2J\x1b[H")?;
@@ -989,9 +1026,123 @@ fn emit(format: OutputFormat, json: &Value, text: &str) -> Result<(), CliError> 
             writeln!(stdout, "{pretty}")?;
         }
         OutputFormat::Table => write!(stdout, "{text}")?,
+        OutputFormat::Dot => {
+            return Err(CliError::Refused(
+                "`-o dot` is only for `interlock graph`; use `-o table` or `-o json`".into(),
+            ));
+        }
     }
     stdout.flush()?;
     Ok(())
+}
+
+fn graph_json(reply: &pb::GraphReply) -> Value {
+    let edges: Vec<Value> = reply
+        .edges
+        .iter()
+        .map(|e| {
+            json!({
+                "from_service": e.from_service, "from_host": e.from_host, "process": e.process,
+                "to": e.to, "connects_per_s": e.connects_per_s, "failures_per_s": e.failures_per_s,
+                "retransmits_per_s": e.retransmits_per_s, "bytes_per_s": e.bytes_per_s,
+                "reported_at_ms": e.reported_at_ms,
+            })
+        })
+        .collect();
+    json!({ "edges": edges })
+}
+
+fn graph_text(reply: &pb::GraphReply) -> String {
+    if reply.edges.is_empty() {
+        return "no flow edges reported (agents report every 10 s)\n".to_owned();
+    }
+    let mut table = Table::new(&[
+        "SERVICE",
+        "HOST",
+        "PROCESS",
+        "REMOTE",
+        "CONN/S",
+        "FAIL/S",
+        "RETRANS/S",
+        "BYTES/S",
+    ]);
+    for e in &reply.edges {
+        table.row(vec![
+            or_dash(&e.from_service).to_owned(),
+            e.from_host.clone(),
+            or_dash(&e.process).to_owned(),
+            e.to.clone(),
+            format!("{:.2}", e.connects_per_s),
+            format!("{:.2}", e.failures_per_s),
+            format!("{:.2}", e.retransmits_per_s),
+            format!("{:.0}", e.bytes_per_s),
+        ]);
+    }
+    table.render()
+}
+
+/// Graphviz: one node per service (or host when it has none) and per remote endpoint; edges
+/// labelled with their rates, red where connections fail.
+fn graph_dot(reply: &pb::GraphReply) -> String {
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut out = String::from("digraph interlock {\n  rankdir=LR;\n");
+    for e in &reply.edges {
+        let from = if e.from_service.is_empty() {
+            &e.from_host
+        } else {
+            &e.from_service
+        };
+        let color = if e.failures_per_s > 0.0 {
+            "red"
+        } else {
+            "black"
+        };
+        out.push_str(&format!(
+            "  {} -> {} [label={}, color={color}];\n",
+            quote(from),
+            quote(&e.to),
+            quote(&format!(
+                "{} {:.1} conn/s {:.1} fail/s",
+                e.process, e.connects_per_s, e.failures_per_s
+            )),
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn findings_json(reply: &pb::FindingsReply) -> Value {
+    let findings: Vec<Value> = reply
+        .findings
+        .iter()
+        .map(|r| {
+            let f = r.finding.clone().unwrap_or_default();
+            json!({
+                "host_id": r.host_id, "id": f.id, "detector": f.detector, "target": f.target,
+                "summary": f.summary, "evidence_json": f.evidence_json, "since_ms": f.since_ms,
+                "reported_at_ms": r.reported_at_ms,
+            })
+        })
+        .collect();
+    json!({ "findings": findings })
+}
+
+fn findings_text(reply: &pb::FindingsReply, now_ms: u64) -> String {
+    if reply.findings.is_empty() {
+        return "no findings reported\n".to_owned();
+    }
+    let mut table = Table::new(&["HOST", "DETECTOR", "TARGET", "REPORTED", "SUMMARY"]);
+    for r in &reply.findings {
+        let f = r.finding.clone().unwrap_or_default();
+        table.row(vec![
+            r.host_id.clone(),
+            f.detector,
+            f.target,
+            when(now_ms, r.reported_at_ms),
+            f.summary,
+        ]);
+    }
+    table.render()
 }
 
 fn now_ms() -> u64 {

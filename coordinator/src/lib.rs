@@ -14,4 +14,5 @@ pub mod policy;
 pub mod serve;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod view;

@@ -5,7 +5,12 @@
 //! engine errors to status codes (with the leader's address for clients to retry there), and
 //! must not hold decision logic.
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use interlock_proto::v1 as pb;
 use pb::{
@@ -20,6 +25,7 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 use crate::{
     admission::{FreezeRecord, HostId, UnixMillis, effective_cap},
     engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, Outcome},
+    telemetry::{FleetTelemetry, FlowEdge, MAX_EDGES_PER_HOST, ReportedFinding},
     view::Scope,
 };
 
@@ -141,6 +147,16 @@ fn now_ms() -> u64 {
 #[derive(Debug, Clone)]
 struct Services {
     engine: Engine,
+    telemetry: Arc<Mutex<FleetTelemetry>>,
+}
+
+fn check_reporter(host_id: &str) -> Result<(), Status> {
+    if host_id.is_empty() || host_id.len() > 256 {
+        return Err(Status::invalid_argument(
+            "host_id must be 1 to 256 bytes: set host_id in the agent's config",
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -279,6 +295,7 @@ impl Agent for Services {
         request: Request<pb::ReportFindingsRequest>,
     ) -> Result<Response<pb::ReportReply>, Status> {
         let pb::ReportFindingsRequest { host_id, findings } = request.into_inner();
+        check_reporter(&host_id)?;
         if findings.len() > 1000 {
             return Err(Status::invalid_argument("at most 1000 findings per report"));
         }
@@ -287,9 +304,31 @@ impl Agent for Services {
             findings = findings.len(),
             "findings reported"
         );
-        Ok(Response::new(pb::ReportReply {
-            accepted: u32::try_from(findings.len()).unwrap_or(u32::MAX),
-        }))
+        let accepted = u32::try_from(findings.len()).unwrap_or(u32::MAX);
+        let findings = findings
+            .into_iter()
+            .map(|f| {
+                let pb::Finding {
+                    id,
+                    detector,
+                    target,
+                    summary,
+                    evidence_json,
+                    since_ms,
+                } = f;
+                ReportedFinding {
+                    id,
+                    detector,
+                    target,
+                    summary,
+                    evidence_json,
+                    since_ms,
+                }
+            })
+            .collect();
+        self.telemetry()
+            .record_findings(&host_id, findings, now_ms());
+        Ok(Response::new(pb::ReportReply { accepted }))
     }
 
     async fn report_flows(
@@ -297,15 +336,39 @@ impl Agent for Services {
         request: Request<pb::ReportFlowsRequest>,
     ) -> Result<Response<pb::ReportReply>, Status> {
         let pb::ReportFlowsRequest { host_id, edges } = request.into_inner();
-        if edges.len() > 10_000 {
-            return Err(Status::invalid_argument(
-                "at most 10000 flow edges per report",
-            ));
+        check_reporter(&host_id)?;
+        if edges.len() > MAX_EDGES_PER_HOST {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_EDGES_PER_HOST} flow edges per report"
+            )));
         }
         tracing::debug!(host = host_id, edges = edges.len(), "flow edges reported");
-        Ok(Response::new(pb::ReportReply {
-            accepted: u32::try_from(edges.len()).unwrap_or(u32::MAX),
-        }))
+        let accepted = u32::try_from(edges.len()).unwrap_or(u32::MAX);
+        let edges = edges
+            .into_iter()
+            .map(|e| {
+                let pb::FlowEdge {
+                    local_service,
+                    process,
+                    remote,
+                    connects_per_s,
+                    failures_per_s,
+                    retransmits_per_s,
+                    bytes_per_s,
+                } = e;
+                FlowEdge {
+                    local_service,
+                    process,
+                    remote,
+                    connects_per_s,
+                    failures_per_s,
+                    retransmits_per_s,
+                    bytes_per_s,
+                }
+            })
+            .collect();
+        self.telemetry().record_flows(&host_id, edges, now_ms());
+        Ok(Response::new(pb::ReportReply { accepted }))
     }
 }
 
@@ -429,7 +492,7 @@ impl Operator for Services {
                 host_id: id.clone(),
                 labels: h.record.labels.clone().into_iter().collect(),
                 registered_at_ms: h.record.registered_at.0,
-                findings: 0,
+                findings: u32::try_from(self.telemetry().finding_count(id)).unwrap_or(u32::MAX),
             })
             .collect();
         Ok(Response::new(pb::HostsReply { hosts }))
@@ -627,6 +690,39 @@ impl Operator for Services {
         Ok(Response::new(pb::RevokeReply {}))
     }
 
+    async fn graph(
+        &self,
+        _request: Request<pb::GraphRequest>,
+    ) -> Result<Response<pb::GraphReply>, Status> {
+        Ok(Response::new(self.graph_reply()))
+    }
+
+    async fn findings(
+        &self,
+        request: Request<pb::FindingsRequest>,
+    ) -> Result<Response<pb::FindingsReply>, Status> {
+        let pb::FindingsRequest { host } = request.into_inner();
+        let host = opt(host);
+        let findings = self
+            .telemetry()
+            .findings(now_ms(), host.as_deref())
+            .into_iter()
+            .map(|(host_id, f, at)| pb::ReportedFinding {
+                host_id,
+                finding: Some(pb::Finding {
+                    id: f.id,
+                    detector: f.detector,
+                    target: f.target,
+                    summary: f.summary,
+                    evidence_json: f.evidence_json,
+                    since_ms: f.since_ms,
+                }),
+                reported_at_ms: at,
+            })
+            .collect();
+        Ok(Response::new(pb::FindingsReply { findings }))
+    }
+
     async fn audit(
         &self,
         request: Request<pb::AuditRequest>,
@@ -676,6 +772,39 @@ impl Operator for Services {
 }
 
 impl Services {
+    fn telemetry(&self) -> std::sync::MutexGuard<'_, FleetTelemetry> {
+        // The telemetry is a cache of reports: a panic while holding the lock cannot leave it
+        // inconsistent in a way that matters, so a poisoned lock is used as is.
+        self.telemetry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn graph_reply(&self) -> pb::GraphReply {
+        let snap = self.engine.snapshot();
+        let service_of = |host: &str| {
+            snap.view
+                .hosts
+                .get(host)
+                .and_then(|h| h.record.service().map(str::to_owned))
+        };
+        let edges = self
+            .telemetry()
+            .graph(now_ms(), service_of)
+            .into_iter()
+            .map(|g| pb::GraphEdge {
+                from_service: g.from_service,
+                from_host: g.from_host,
+                process: g.edge.process,
+                to: g.edge.remote,
+                connects_per_s: g.edge.connects_per_s,
+                failures_per_s: g.edge.failures_per_s,
+                retransmits_per_s: g.edge.retransmits_per_s,
+                bytes_per_s: g.edge.bytes_per_s,
+                reported_at_ms: g.reported_at_ms,
+            })
+            .collect();
+        pb::GraphReply { edges }
+    }
+
     async fn require_leader(&self, snap: &crate::engine::Snapshot) -> Result<(), Status> {
         if snap.leader {
             Ok(())
@@ -695,7 +824,10 @@ pub async fn serve_grpc(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tracing::info!(addr = ?listener.local_addr().ok(), store = engine.store_kind(), "coordinator serving gRPC");
-    let services = Services { engine };
+    let services = Services {
+        engine,
+        telemetry: Arc::new(Mutex::new(FleetTelemetry::default())),
+    };
     // Small request/response messages: without TCP_NODELAY on the accepted sockets, Nagle's
     // algorithm and the peer's delayed ACK add ~40 ms to some answers.
     let incoming = TcpListenerStream::new(listener).map(|conn| {

@@ -9,6 +9,7 @@ mod cli;
 mod durability;
 mod expiry;
 mod failover;
+mod graph;
 mod modes;
 
 use interlock_tests::{

@@ -1,0 +1,5 @@
+//! The agent against the real kernel (as root): probes, pressure readers and detectors fed by
+//! real processes, files, mounts and cgroups.
+
+mod pressure;
+mod probes;
