@@ -7,7 +7,13 @@
 //!
 //! Decision logic stays free of I/O (see ARCHITECTURE.md).
 
+pub mod config;
 pub mod detect;
+pub mod doctor;
 pub mod finding;
+pub mod flows;
+pub mod metrics;
 pub mod pressure;
 pub mod probes;
+pub mod report;
+pub mod run;

@@ -1,10 +1,13 @@
 //! `interlock-agent`: parses flags, sets up logging and calls the library.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use interlock_agent::probes::{TcpProbe, TcpProbeOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use interlock_agent::config::{self, LogFormat};
+use interlock_agent::{doctor, flows, run};
 
 #[derive(Parser)]
 #[command(name = "interlock-agent", version, about = "Interlock host agent")]
@@ -13,43 +16,127 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Load the TCP probe and print every TCP state transition until Ctrl-C.
-    Flows,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Flows => flows().await,
+#[derive(Subcommand)]
+enum Command {
+    /// Observe the host, register with the coordinator and report findings until SIGTERM.
+    Run {
+        #[arg(long, default_value = "/etc/interlock/agent.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file: prints "ok" or every problem (exit 1).
+    Check {
+        #[arg(long, default_value = "/etc/interlock/agent.toml")]
+        config: PathBuf,
+    },
+    /// What this host offers the agent: kernel, BTF, tracefs, bpffs, cgroups, PSI, probes, and
+    /// (with --config) whether the coordinator answers.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// A top-like view of TCP flows per process and remote endpoint.
+    Flows {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+        /// Refresh interval, e.g. 1s or 500ms.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 
-async fn flows() -> anyhow::Result<()> {
-    let mut probe =
-        TcpProbe::load(&TcpProbeOptions::default()).context("starting the TCP probe")?;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut batch = Vec::new();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                batch.clear();
-                probe.drain(&mut batch);
-                for r in &batch {
-                    println!(
-                        "{:>7} {:<16} {} -> {} {} -> {}",
-                        r.pid, r.comm, r.local, r.remote, r.old_state, r.new_state
-                    );
-                }
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let term = async {
+        match &mut term {
+            Some(t) => {
+                t.recv().await;
             }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("ok");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                for problem in e.problems() {
+                    println!("{}: {problem}", config.display());
+                }
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Run { config } => {
+            let config = config::load(&config)?;
+            init_logging(config.log_format);
+            run::run(config, shutdown_signal())
+                .await
+                .context("running the agent")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { config, output } => {
+            init_logging(LogFormat::Text);
+            let coordinators = match &config {
+                Some(path) => config::load(path)?.coordinator,
+                None => Vec::new(),
+            };
+            let report = doctor::diagnose(&coordinators).await;
+            match output {
+                Output::Table => print!("{}", report.to_text()),
+                Output::Json => println!("{}", report.to_json()),
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Flows {
+            output,
+            interval,
+            count,
+        } => {
+            init_logging(LogFormat::Text);
+            let format = match output {
+                Output::Table => flows::FlowsFormat::Table,
+                Output::Json => flows::FlowsFormat::Json,
+            };
+            flows::watch(interval, count, format, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

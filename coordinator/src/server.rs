@@ -296,6 +296,7 @@ impl Agent for Services {
     ) -> Result<Response<pb::ReportReply>, Status> {
         let pb::ReportFindingsRequest { host_id, findings } = request.into_inner();
         check_reporter(&host_id)?;
+        self.require_leader(&self.engine.snapshot()).await?;
         if findings.len() > 1000 {
             return Err(Status::invalid_argument("at most 1000 findings per report"));
         }
@@ -337,6 +338,7 @@ impl Agent for Services {
     ) -> Result<Response<pb::ReportReply>, Status> {
         let pb::ReportFlowsRequest { host_id, edges } = request.into_inner();
         check_reporter(&host_id)?;
+        self.require_leader(&self.engine.snapshot()).await?;
         if edges.len() > MAX_EDGES_PER_HOST {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_EDGES_PER_HOST} flow edges per report"
@@ -694,6 +696,7 @@ impl Operator for Services {
         &self,
         _request: Request<pb::GraphRequest>,
     ) -> Result<Response<pb::GraphReply>, Status> {
+        self.require_leader(&self.engine.snapshot()).await?;
         Ok(Response::new(self.graph_reply()))
     }
 
@@ -702,6 +705,7 @@ impl Operator for Services {
         request: Request<pb::FindingsRequest>,
     ) -> Result<Response<pb::FindingsReply>, Status> {
         let pb::FindingsRequest { host } = request.into_inner();
+        self.require_leader(&self.engine.snapshot()).await?;
         let host = opt(host);
         let findings = self
             .telemetry()

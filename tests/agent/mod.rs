@@ -3,3 +3,4 @@
 
 mod pressure;
 mod probes;
+mod runtime;

@@ -128,9 +128,11 @@ async fn audit_retention_keeps_the_newest_records_and_the_chain_verifies() {
     let last = audit.records.last().expect("records").seq;
     assert_eq!(last, 501, "every record was written");
     assert!(first > 1, "old records were trimmed");
+    // Trimming runs after each batch, a chunk of 100 at a time (a trim that failed under load
+    // is retried after the next batch), so the retained count stays within two chunks.
     assert!(
-        (100..=200).contains(&audit.records.len()),
-        "kept between the retention and one chunk more: {}",
+        (100..=300).contains(&audit.records.len()),
+        "kept between the retention and two chunks more: {}",
         audit.records.len()
     );
     assert_eq!(

@@ -13,7 +13,8 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
     let etcd = Etcd::start().expect("etcd");
     let prefix = fresh_prefix("failover");
     let text = policy("1", "autonomous", 1000, 1000, "10s");
-    let plain = CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text);
+    let mut plain = CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text);
+    plain.election_ttl = "2s";
     let mut paused = plain.clone();
     paused.env.push((
         "INTERLOCK_FAILPOINT_PAUSE_BEFORE_GRANT_COMMIT_MS".into(),

@@ -48,16 +48,43 @@ pub fn as_operator<T>(name: &str, message: T) -> Request<T> {
     r
 }
 
+/// How long a test client keeps retrying an UNAVAILABLE answer: the coordinator steps down
+/// when it cannot renew its leadership (as it must), and on a loaded machine a new term takes
+/// a moment. Real agents retry the same way.
+const RETRY_UNAVAILABLE_FOR: Duration = Duration::from_secs(15);
+
+/// Calls `call` until it answers anything but UNAVAILABLE, bounded in time. UNAVAILABLE from
+/// the coordinator means "not done" (a deposed or stepping-down leader commits nothing), so
+/// retrying is safe.
+pub async fn retry_unavailable<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + RETRY_UNAVAILABLE_FOR;
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Registers `host` in `service`.
 pub async fn register(agent: &mut AgentClient<Channel>, host: &str, service: &str) {
     let labels = HashMap::from([("service".to_owned(), service.to_owned())]);
-    agent
-        .register(pb::RegisterRequest {
+    retry_unavailable(|| {
+        let mut agent = agent.clone();
+        let request = pb::RegisterRequest {
             host_id: host.to_owned(),
-            labels,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("register {host}: {e}"));
+            labels: labels.clone(),
+        };
+        async move { agent.register(request).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("register {host}: {e}"));
 }
 
 pub fn acquire_request(host: &str, class: &str, target: &str) -> pb::AcquireRequest {
@@ -118,23 +145,29 @@ pub async fn acquire(
     class: &str,
     target: &str,
 ) -> Got {
-    got(agent
-        .acquire(acquire_request(host, class, target))
-        .await
-        .unwrap_or_else(|e| panic!("acquire for {host}: {e}"))
-        .into_inner())
+    let reply = retry_unavailable(|| {
+        let mut agent = agent.clone();
+        let request = acquire_request(host, class, target);
+        async move { agent.acquire(request).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("acquire for {host}: {e}"));
+    got(reply.into_inner())
 }
 
 pub async fn release(agent: &mut AgentClient<Channel>, lease_id: &str, token: u64) {
-    agent
-        .release(pb::ReleaseRequest {
+    retry_unavailable(|| {
+        let mut agent = agent.clone();
+        let request = pb::ReleaseRequest {
             lease_id: lease_id.to_owned(),
             token,
             outcome: pb::Outcome::Success as i32,
             detail: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("release {lease_id}: {e}"));
+        };
+        async move { agent.release(request).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("release {lease_id}: {e}"));
 }
 
 /// The whole audit log (optionally filtered by class and host), with its chain verdict.

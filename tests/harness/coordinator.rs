@@ -105,7 +105,9 @@ impl CoordinatorOptions {
             prefix,
             policy: policy.to_owned(),
             host_ttl: "10s",
-            election_ttl: "2s",
+            // Long enough that a loaded CI machine does not depose a healthy leader; the
+            // failover tests set 2 s to measure failover.
+            election_ttl: "5s",
             audit_retention: None,
             env: Vec::new(),
         }

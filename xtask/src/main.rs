@@ -268,8 +268,15 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                  green actions (not built yet); `cargo xtask run` without --once shows the probes"
             );
         }
-        println!("agent: printing TCP state transitions seen by the kernel probe; Ctrl-C stops");
-        run_cmd(Command::new(bin.join("interlock-agent")).arg("flows"))
+        println!(
+            "agent: observing this host and reporting to the coordinator; in another shell try \
+             `target/debug/interlock hosts`, `interlock findings`, `interlock graph`; Ctrl-C stops"
+        );
+        run_cmd(
+            Command::new(bin.join("interlock-agent"))
+                .args(["run", "--config"])
+                .arg(root().join("deploy/examples/agent.toml")),
+        )
     })();
     // Ends only the coordinator this task started, by its pid.
     let _ = coordinator.kill();

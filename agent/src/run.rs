@@ -1,0 +1,880 @@
+//! `interlock-agent run`: the observing loop and the coordinator link, as one library call
+//! [`run`] that `main.rs` and tests share.
+//!
+//! Two tasks: the observer (this task) loads the probes, polls the pressure readers, feeds the
+//! pure detectors and keeps the current findings; the link task registers with the coordinator,
+//! heartbeats, and reports findings and flow edges. They talk over channels, so a slow or absent
+//! coordinator never stalls observation. Without a link the agent observes only and never acts
+//! (there are no actions yet; the state is explicit in [`CoordinatorLink`] and in metrics).
+//!
+//! Decisions live in pure code: the detectors (`crate::detect`), what to report and when to
+//! re-register (`crate::report`), flow aggregation (`crate::flows`). This module wires them to
+//! I/O and time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use interlock_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{AgentConfig, ProcessLocator, WatchedProcess};
+use crate::detect::ConfigErrors;
+use crate::detect::baseline::RollingBaseline;
+use crate::detect::crashloop::{CrashLoop, Exit};
+use crate::detect::forecast::{DiskForecast, DiskSample};
+use crate::detect::leak::{LeakDetector, MemorySample};
+use crate::detect::threshold::ThresholdDetector;
+use crate::finding::{Finding, Millis};
+use crate::flows::{FlowProbes, FlowTable};
+use crate::metrics::{AgentMetrics, serve_http};
+use crate::pressure::{
+    HostPressure, Pid, PressureSource, PsiResource, PsiTrigger, PsiTriggerSpec, StallKind,
+};
+use crate::probes::{ExitStatus, ProbeOptions, ProbeSet, ProcessEvents, ProcessRecord};
+use crate::report::{
+    Backoff, CallError, CoordinatorLink, FindingLedger, LinkTracker, NextStep, Replicas,
+    after_call, finding_to_wire, heartbeat_interval,
+};
+
+/// How often disks, PSI, memory and watched processes are read.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the probes' rings are drained.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(200);
+/// How often flow edges are reported (and the connect-failure baselines sampled).
+pub const FLOW_INTERVAL: Duration = Duration::from_secs(10);
+/// At most this many remote endpoints get their own connect-failure baseline.
+const MAX_BASELINES: usize = 1024;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen for metrics on {addr}: {source}; change [metrics] listen")]
+    MetricsListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the host's pressure: {0}")]
+    Pressure(#[from] crate::pressure::PressureError),
+    #[error("detector settings: {0}")]
+    Detector(#[from] ConfigErrors),
+}
+
+/// Runs the agent until `shutdown` completes; returns once every task stopped.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let metrics = AgentMetrics::new();
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| RunError::MetricsListen {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    tracing::info!(
+        host = config.host_id,
+        service = config.service(),
+        metrics = %listener.local_addr().unwrap_or(config.metrics_listen),
+        "agent starting"
+    );
+    let pressure = HostPressure::detect()?;
+    let mut observer = Observer::new(&config, metrics.clone())?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let http = tokio::spawn(serve_http(
+        listener,
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let (findings_tx, findings_rx) = watch::channel(Vec::new());
+    let (flows_tx, flows_rx) = mpsc::channel(4);
+    let link = tokio::spawn(link_task(
+        LinkSettings {
+            host_id: config.host_id.clone(),
+            labels: config.labels.clone(),
+            urls: config.coordinator.clone(),
+            epoch: observer.epoch,
+        },
+        findings_rx,
+        flows_rx,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    observer
+        .observe(&pressure, &config, findings_tx, flows_tx, stop_rx)
+        .await;
+    let _ = link.await;
+    if let Ok(Err(e)) = http.await {
+        tracing::warn!(error = %e, "metrics server ended with an error");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+// ------------------------------------------------------------------------------ observer
+
+/// The detectors of one watched mount.
+struct MountDetectors {
+    full: ThresholdDetector,
+    inode: ThresholdDetector,
+    forecast: DiskForecast,
+}
+
+/// One watched process: where it is now and its detectors.
+struct ProcessWatch {
+    spec: WatchedProcess,
+    pid: Option<u32>,
+    leak: LeakDetector,
+    crash: CrashLoop,
+}
+
+struct Observer {
+    metrics: AgentMetrics,
+    /// The detectors' clock starts here; `epoch.1` is the Unix time (ms) at that instant.
+    epoch: (Instant, u64),
+    mounts: BTreeMap<PathBuf, MountDetectors>,
+    missing_mounts: BTreeSet<PathBuf>,
+    psi: BTreeMap<&'static str, ThresholdDetector>,
+    psi_available: bool,
+    processes: Vec<ProcessWatch>,
+    baselines: BTreeMap<SocketAddr, RollingBaseline>,
+    connect_config: crate::detect::baseline::Config,
+    /// Findings whose condition still holds, by id.
+    active: BTreeMap<String, Finding>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Observer {
+    fn new(config: &AgentConfig, metrics: AgentMetrics) -> Result<Self, RunError> {
+        let d = &config.detectors;
+        let mut psi = BTreeMap::new();
+        for (name, _) in PSI_RESOURCES {
+            psi.insert(name, ThresholdDetector::new(name, "system", d.psi.clone())?);
+        }
+        let mut processes = Vec::new();
+        for spec in &config.processes {
+            processes.push(ProcessWatch {
+                leak: LeakDetector::new(spec.name.clone(), d.memory_leak.clone())?,
+                crash: CrashLoop::new(spec.name.clone(), d.crash_loop.clone())?,
+                spec: spec.clone(),
+                pid: None,
+            });
+        }
+        Ok(Self {
+            metrics,
+            epoch: (Instant::now(), unix_ms()),
+            mounts: BTreeMap::new(),
+            missing_mounts: BTreeSet::new(),
+            psi,
+            psi_available: true,
+            processes,
+            baselines: BTreeMap::new(),
+            connect_config: d.connect_failures.clone(),
+            active: BTreeMap::new(),
+        })
+    }
+
+    fn now(&self) -> Millis {
+        u64::try_from(self.epoch.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records what one detector said: a new finding is logged, counted and kept; a detector
+    /// that stopped firing drops its finding. Returns true when the set of findings changed.
+    fn track(&mut self, id: String, firing: bool, finding: Option<Finding>) -> bool {
+        if let Some(f) = finding {
+            self.metrics.finding(&f);
+            self.active.insert(f.id.clone(), f);
+            return true;
+        }
+        !firing && self.active.remove(&id).is_some()
+    }
+
+    async fn observe(
+        &mut self,
+        pressure: &HostPressure,
+        config: &AgentConfig,
+        findings_tx: watch::Sender<Vec<Finding>>,
+        flows_tx: mpsc::Sender<Vec<pb::FlowEdge>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut probes = Probes::load(&self.metrics);
+        let mut trigger = open_psi_trigger(config);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+        let mut flow_tick = tokio::time::interval(FLOW_INTERVAL);
+        flow_tick.reset();
+        let mut flow_table = FlowTable::default();
+        let mut flow_started = Instant::now();
+        let mut exits = Vec::new();
+        loop {
+            let mut changed = false;
+            tokio::select! {
+                _ = poll.tick() => {
+                    changed |= self.poll_disks(pressure, config);
+                    changed |= self.poll_psi(pressure);
+                    changed |= self.poll_processes(pressure, probes.process.is_some());
+                }
+                _ = drain.tick() => {
+                    exits.clear();
+                    probes.drain(&self.metrics, &mut flow_table, &mut exits);
+                    for (pid, exit) in &exits {
+                        changed |= self.process_exit(*pid, *exit);
+                    }
+                }
+                _ = flow_tick.tick() => {
+                    let elapsed = flow_started.elapsed();
+                    changed |= self.sample_connect_failures(&flow_table, elapsed);
+                    let edges = flow_table
+                        .rates(elapsed)
+                        .into_iter()
+                        .map(|r| pb::FlowEdge {
+                            local_service: config.service().to_owned(),
+                            process: r.key.process,
+                            remote: r.key.remote.to_string(),
+                            connects_per_s: r.connects_per_s,
+                            failures_per_s: r.failures_per_s,
+                            retransmits_per_s: r.retransmits_per_s,
+                            bytes_per_s: 0.0,
+                        })
+                        .collect::<Vec<_>>();
+                    // A full queue means the link is behind; this period's edges are dropped.
+                    if !edges.is_empty() {
+                        let _ = flows_tx.try_send(edges);
+                    }
+                    flow_table = FlowTable::default();
+                    flow_started = Instant::now();
+                }
+                event = next_trigger(&mut trigger) => {
+                    match event {
+                        Ok(()) => {
+                            self.metrics.events("psi_trigger", 1);
+                            changed |= self.poll_psi(pressure);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "PSI trigger failed; PSI is still polled every second");
+                            trigger = None;
+                        }
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            if changed {
+                self.metrics.set_findings_current(self.active.len());
+                let _ = findings_tx.send(self.active.values().cloned().collect());
+            }
+        }
+    }
+
+    fn poll_disks(&mut self, pressure: &HostPressure, config: &AgentConfig) -> bool {
+        let report = match pressure.disks() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading disks failed");
+                return false;
+            }
+        };
+        let now = self.now();
+        let mut changed = false;
+        let wanted: Vec<PathBuf> = if config.mounts.is_empty() {
+            report.disks.iter().map(|d| d.mount_point.clone()).collect()
+        } else {
+            config.mounts.clone()
+        };
+        for mount in wanted {
+            let Some(usage) = report.get(&mount) else {
+                if self.missing_mounts.insert(mount.clone()) {
+                    tracing::warn!(mount = %mount.display(), "watched mount not found in the mount table (or not a real filesystem)");
+                }
+                continue;
+            };
+            self.missing_mounts.remove(&mount);
+            let target = mount.display().to_string();
+            let d = &config.detectors;
+            let detectors = match self.mounts.entry(mount.clone()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    // Configs were validated at load, so these cannot fail; skip the mount if
+                    // they somehow do.
+                    let (Ok(full), Ok(inode), Ok(forecast)) = (
+                        ThresholdDetector::new("disk_full", target.clone(), d.disk.clone()),
+                        ThresholdDetector::new("inode_full", target.clone(), d.inode.clone()),
+                        DiskForecast::new(target.clone(), d.disk_forecast.clone()),
+                    ) else {
+                        continue;
+                    };
+                    v.insert(MountDetectors {
+                        full,
+                        inode,
+                        forecast,
+                    })
+                }
+            };
+            let full = detectors.full.observe(now, usage.used_ratio());
+            let full_firing = detectors.full.is_firing();
+            let inode = usage
+                .inode_used_ratio()
+                .and_then(|r| detectors.inode.observe(now, r));
+            let inode_firing = detectors.inode.is_firing();
+            let forecast = detectors.forecast.observe(
+                now,
+                DiskSample {
+                    used_bytes: usage.used_bytes,
+                    capacity_bytes: usage.total_bytes,
+                },
+            );
+            let forecast_firing = detectors.forecast.is_firing();
+            let full = full.map(|f| f.evidence("used_bytes", usage.used_bytes as f64));
+            changed |= self.track(format!("disk_full/{target}"), full_firing, full);
+            changed |= self.track(format!("inode_full/{target}"), inode_firing, inode);
+            changed |= self.track(format!("disk_forecast/{target}"), forecast_firing, forecast);
+        }
+        changed
+    }
+
+    fn poll_psi(&mut self, pressure: &HostPressure) -> bool {
+        if !self.psi_available {
+            return false;
+        }
+        let now = self.now();
+        let mut changed = false;
+        for (name, resource) in PSI_RESOURCES {
+            match pressure.system_psi(resource) {
+                Ok(psi) => {
+                    let Some(det) = self.psi.get_mut(name) else {
+                        continue;
+                    };
+                    let finding = det.observe(now, psi.some.avg10);
+                    let firing = det.is_firing();
+                    changed |= self.track(format!("{name}/system"), firing, finding);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "PSI not readable; PSI detectors are off");
+                    self.psi_available = false;
+                    return changed;
+                }
+            }
+        }
+        changed
+    }
+
+    fn poll_processes(&mut self, pressure: &HostPressure, exits_from_probe: bool) -> bool {
+        let now = self.now();
+        let host_memory = pressure.meminfo().ok().map(|m| m.total);
+        let mut changed = false;
+        let mut results = Vec::new();
+        for w in &mut self.processes {
+            let pid = locate(&w.spec.locator);
+            let mut crash = None;
+            if !exits_from_probe && w.pid.is_some() && pid != w.pid {
+                // Without the exit probe a vanished pid is the only sign of an exit; its
+                // status is unknown.
+                crash = w.crash.observe(now, Exit::Code(-1));
+            }
+            if pid != w.pid {
+                tracing::info!(process = w.spec.name, ?pid, "watched process located");
+                w.pid = pid;
+            }
+            let leak = match pid.map(|p| pressure.process_rss(Pid(p))) {
+                Some(Ok(Some(rss))) => w.leak.observe(
+                    now,
+                    MemorySample {
+                        rss_bytes: rss,
+                        limit_bytes: w.spec.memory_limit.or(host_memory),
+                    },
+                ),
+                _ => None,
+            };
+            results.push((
+                format!("memory_leak/{}", w.spec.name),
+                w.leak.is_firing(),
+                leak,
+                format!("crash_loop/{}", w.spec.name),
+                w.crash.is_firing(),
+                crash,
+            ));
+        }
+        for (leak_id, leak_firing, leak, crash_id, crash_firing, crash) in results {
+            changed |= self.track(leak_id, leak_firing, leak);
+            changed |= self.track(crash_id, crash_firing, crash);
+        }
+        changed
+    }
+
+    fn process_exit(&mut self, pid: u32, exit: Exit) -> bool {
+        let now = self.now();
+        let mut hits = Vec::new();
+        for w in &mut self.processes {
+            if w.pid == Some(pid) {
+                let finding = w.crash.observe(now, exit);
+                hits.push((
+                    format!("crash_loop/{}", w.spec.name),
+                    w.crash.is_firing(),
+                    finding,
+                ));
+                w.pid = None;
+            }
+        }
+        let mut changed = false;
+        for (id, firing, finding) in hits {
+            changed |= self.track(id, firing, finding);
+        }
+        changed
+    }
+
+    fn sample_connect_failures(&mut self, table: &FlowTable, elapsed: Duration) -> bool {
+        let now = self.now();
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let failures = table.failures_by_remote();
+        let mut changed = false;
+        // Every known baseline gets a sample (0 when quiet), new remotes get one while there is
+        // room.
+        let remotes: BTreeSet<SocketAddr> = self
+            .baselines
+            .keys()
+            .copied()
+            .chain(failures.keys().copied())
+            .collect();
+        for remote in remotes {
+            let rate = failures.get(&remote).copied().unwrap_or(0) as f64 / secs;
+            if !self.baselines.contains_key(&remote) {
+                if self.baselines.len() >= MAX_BASELINES {
+                    continue;
+                }
+                let Ok(b) = RollingBaseline::new(
+                    "connect_failures",
+                    remote.to_string(),
+                    self.connect_config.clone(),
+                ) else {
+                    continue;
+                };
+                self.baselines.insert(remote, b);
+            }
+            let Some(b) = self.baselines.get_mut(&remote) else {
+                continue;
+            };
+            let finding = b.observe(now, rate);
+            let firing = b.is_firing();
+            changed |= self.track(format!("connect_failures/{remote}"), firing, finding);
+        }
+        changed
+    }
+}
+
+const PSI_RESOURCES: [(&str, PsiResource); 3] = [
+    ("psi_cpu", PsiResource::Cpu),
+    ("psi_memory", PsiResource::Memory),
+    ("psi_io", PsiResource::Io),
+];
+
+/// The pid of a watched process now, if it runs.
+fn locate(locator: &ProcessLocator) -> Option<u32> {
+    match locator {
+        ProcessLocator::Pidfile(path) => {
+            let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+            std::path::Path::new(&format!("/proc/{pid}"))
+                .exists()
+                .then_some(pid)
+        }
+        ProcessLocator::Comm(comm) => find_pid(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end_matches('\n') == comm)
+        }),
+        ProcessLocator::Cmdline(cmdline) => find_pid(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let text = String::from_utf8_lossy(&raw);
+                text.trim_end_matches('\0').replace('\0', " ") == *cmdline
+            })
+        }),
+    }
+}
+
+/// The lowest pid for which `matches` holds (the oldest process, usually the parent).
+fn find_pid(matches: impl Fn(u32) -> bool) -> Option<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().find(|&p| matches(p))
+}
+
+fn open_psi_trigger(config: &AgentConfig) -> Option<PsiTrigger> {
+    let (stall, window) = config.detectors.psi_trigger;
+    let spec = PsiTriggerSpec {
+        kind: StallKind::Some,
+        stall,
+        window,
+    };
+    match PsiTrigger::open(std::path::Path::new("/proc/pressure/memory"), spec) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no PSI trigger on memory; PSI is polled every second only");
+            None
+        }
+    }
+}
+
+async fn next_trigger(
+    trigger: &mut Option<PsiTrigger>,
+) -> Result<(), crate::pressure::PressureError> {
+    match trigger {
+        Some(t) => t.next_event().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+// -------------------------------------------------------------------------------- probes
+
+/// The probes the agent runs, each loaded on its own so one failure leaves the others working.
+/// New probes are added here: load, report status, drain.
+struct Probes {
+    flows: FlowProbes,
+    process: Option<ProcessEvents>,
+    process_set: Option<ProbeSet>,
+}
+
+impl Probes {
+    fn load(metrics: &AgentMetrics) -> Self {
+        let flows = FlowProbes::load();
+        for (name, loaded) in [
+            ("tcp", flows.tcp.is_some()),
+            ("flows", flows.stats.is_some()),
+        ] {
+            let error = flows
+                .missing
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, e)| e.to_string());
+            match (loaded, error) {
+                (true, _) => metrics.probe(name, Ok(&[])),
+                (false, Some(e)) => metrics.probe(name, Err(&e)),
+                (false, None) => metrics.probe(name, Err("not available")),
+            }
+        }
+        let (process, process_set) = match ProbeSet::load(&ProbeOptions {
+            process: true,
+            ..ProbeOptions::none()
+        }) {
+            Ok(mut set) => {
+                metrics.probe("process", Ok(set.programs()));
+                (set.take_process_events().ok(), Some(set))
+            }
+            Err(e) => {
+                metrics.probe("process", Err(&e.to_string()));
+                (None, None)
+            }
+        };
+        Self {
+            flows,
+            process,
+            process_set,
+        }
+    }
+
+    fn drain(
+        &mut self,
+        metrics: &AgentMetrics,
+        table: &mut FlowTable,
+        exits: &mut Vec<(u32, Exit)>,
+    ) {
+        let (tcp, failures) = self.flows.drain_into(table);
+        metrics.events("tcp_state", tcp);
+        metrics.events("connect_failure", failures);
+        if let Some(events) = &mut self.process {
+            let mut batch = Vec::new();
+            events.drain(&mut batch);
+            for record in batch {
+                match record {
+                    ProcessRecord::Exit(e) => {
+                        metrics.events("process_exit", 1);
+                        let exit = match e.status {
+                            ExitStatus::Exited(code) => Exit::Code(code),
+                            ExitStatus::Signaled { signal, .. } => Exit::Signal(signal),
+                        };
+                        exits.push((e.pid, exit));
+                    }
+                    ProcessRecord::OomKill(k) => {
+                        metrics.events("oom_kill", 1);
+                        tracing::warn!(pid = k.pid, comm = k.comm, "OOM kill");
+                    }
+                    ProcessRecord::Unknown(_) => {}
+                }
+            }
+        }
+        let mut dropped = BTreeMap::<&str, u64>::new();
+        for set in self.flows.sets().iter().chain(self.process_set.as_ref()) {
+            if let Ok(c) = set.counters() {
+                *dropped.entry("tcp_events").or_default() += c.tcp_events.dropped;
+                *dropped.entry("connect_failures").or_default() += c.connect_failures.dropped;
+                *dropped.entry("process_events").or_default() += c.process_events.dropped;
+            }
+        }
+        for (ring, total) in dropped {
+            metrics.kernel_drops(ring, total);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------- link
+
+struct LinkSettings {
+    host_id: String,
+    labels: BTreeMap<String, String>,
+    urls: Vec<String>,
+    epoch: (Instant, u64),
+}
+
+/// The link's mutable state; every transition goes through [`Link::set`].
+struct Link {
+    settings: LinkSettings,
+    replicas: Replicas,
+    metrics: AgentMetrics,
+    tracker: LinkTracker,
+    ledger: FindingLedger,
+    backoff: Backoff,
+    registered: bool,
+    /// The last call reached a replica.
+    connected: bool,
+    interval: Duration,
+    /// When the next register or heartbeat attempt is due.
+    due: tokio::time::Instant,
+}
+
+impl Link {
+    fn set(&mut self, link: CoordinatorLink) {
+        self.connected = link.is_connected();
+        if let Some(changed) = self.tracker.update(link) {
+            self.metrics.link(&changed);
+        }
+    }
+
+    fn unreachable(&mut self, error: &CallError) {
+        self.set(CoordinatorLink::Unreachable {
+            reason: error.to_string(),
+        });
+        self.due = tokio::time::Instant::now() + self.backoff.next_delay();
+    }
+
+    async fn register(&mut self) {
+        let request = pb::RegisterRequest {
+            host_id: self.settings.host_id.clone(),
+            labels: self.settings.labels.clone().into_iter().collect(),
+        };
+        let result = self
+            .replicas
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.register(r).await }
+            })
+            .await;
+        self.metrics.report("register", result.is_ok());
+        match result {
+            Ok((url, reply)) => {
+                self.registered = true;
+                self.interval = heartbeat_interval(reply.heartbeat_interval_ms, reply.ttl_ms);
+                self.backoff.reset();
+                self.due = tokio::time::Instant::now() + self.interval;
+                self.set(CoordinatorLink::Connected { url });
+                // A (re-)registered host starts with a blank slate at the coordinator.
+                self.ledger.forget_sent();
+                self.flush().await;
+            }
+            Err(e) => self.unreachable(&e),
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let request = pb::HeartbeatRequest {
+            host_id: self.settings.host_id.clone(),
+        };
+        let result = self
+            .replicas
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.heartbeat(r).await }
+            })
+            .await;
+        self.metrics.report("heartbeat", result.is_ok());
+        let (url, result) = match result {
+            Ok((url, _)) => (Some(url), Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        match after_call(&result) {
+            NextStep::Continue => {
+                self.backoff.reset();
+                self.due = tokio::time::Instant::now() + self.interval;
+                if let Some(url) = url {
+                    self.set(CoordinatorLink::Connected { url });
+                }
+                self.flush().await;
+            }
+            NextStep::Reregister => {
+                tracing::info!(
+                    "the coordinator forgot this host (registration expired); registering again"
+                );
+                self.registered = false;
+                self.due = tokio::time::Instant::now();
+            }
+            NextStep::Backoff => {
+                if let Err(e) = &result {
+                    self.unreachable(e);
+                }
+            }
+            NextStep::Drop => {
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "heartbeat refused");
+                }
+                self.due = tokio::time::Instant::now() + self.interval;
+            }
+        }
+    }
+
+    /// Reports the findings the coordinator has not seen in their current form.
+    async fn flush(&mut self) {
+        if !self.registered || !self.tracker_connected() {
+            return;
+        }
+        let pending = self.ledger.pending();
+        if pending.is_empty() {
+            return;
+        }
+        let (start, start_unix) = self.settings.epoch;
+        let now_mono = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let request = pb::ReportFindingsRequest {
+            host_id: self.settings.host_id.clone(),
+            findings: pending
+                .iter()
+                .map(|f| {
+                    let age = now_mono.saturating_sub(f.since);
+                    finding_to_wire(f, (start_unix + now_mono).saturating_sub(age))
+                })
+                .collect(),
+        };
+        let result = self
+            .replicas
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.report_findings(r).await }
+            })
+            .await;
+        self.metrics.report("findings", result.is_ok());
+        let result = result.map(|(_, reply)| {
+            tracing::info!(
+                sent = pending.len(),
+                accepted = reply.accepted,
+                "findings reported"
+            );
+            self.ledger.mark_sent(&pending);
+        });
+        self.after_report(&result);
+    }
+
+    async fn report_flows(&mut self, edges: Vec<pb::FlowEdge>) {
+        if !self.registered || !self.tracker_connected() {
+            // Observing only: flows are not kept for later, the next period brings fresh ones.
+            return;
+        }
+        let request = pb::ReportFlowsRequest {
+            host_id: self.settings.host_id.clone(),
+            edges,
+        };
+        let result = self
+            .replicas
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.report_flows(r).await }
+            })
+            .await
+            .map(|_| ());
+        self.metrics.report("flows", result.is_ok());
+        self.after_report(&result);
+    }
+
+    fn after_report(&mut self, result: &Result<(), CallError>) {
+        match (after_call(result), result) {
+            (NextStep::Continue, _) | (_, Ok(())) => {}
+            (NextStep::Reregister, Err(_)) => {
+                self.registered = false;
+                self.due = tokio::time::Instant::now();
+            }
+            (NextStep::Backoff, Err(e)) => self.unreachable(e),
+            (NextStep::Drop, Err(e)) => tracing::warn!(error = %e, "report refused; dropped"),
+        }
+    }
+
+    fn tracker_connected(&self) -> bool {
+        self.connected
+    }
+}
+
+async fn link_task(
+    settings: LinkSettings,
+    mut findings: watch::Receiver<Vec<Finding>>,
+    mut flows: mpsc::Receiver<Vec<pb::FlowEdge>>,
+    metrics: AgentMetrics,
+    stop: watch::Receiver<bool>,
+) {
+    let urls = settings.urls.clone();
+    let mut link = Link {
+        settings,
+        replicas: Replicas::new(urls),
+        metrics,
+        tracker: LinkTracker::default(),
+        ledger: FindingLedger::default(),
+        backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        registered: false,
+        connected: false,
+        interval: Duration::from_secs(5),
+        due: tokio::time::Instant::now(),
+    };
+    loop {
+        // Each step is raced against shutdown, so a slow coordinator never delays exit beyond
+        // the current select.
+        tokio::select! {
+            () = tokio::time::sleep_until(link.due) => {
+                tokio::select! {
+                    () = async {
+                        if link.registered { link.heartbeat().await } else { link.register().await }
+                    } => {}
+                    () = stopped(stop.clone()) => break,
+                }
+            }
+            changed = findings.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let current = findings.borrow_and_update().clone();
+                link.ledger.set_current(current);
+                tokio::select! {
+                    () = link.flush() => {}
+                    () = stopped(stop.clone()) => break,
+                }
+            }
+            Some(edges) = flows.recv() => {
+                tokio::select! {
+                    () = link.report_flows(edges) => {}
+                    () = stopped(stop.clone()) => break,
+                }
+            }
+            () = stopped(stop.clone()) => break,
+        }
+    }
+}
