@@ -4,6 +4,9 @@
 //! - `pressure`: PSI, memory, disk and cgroup readers (procfs/sysfs).
 //! - `detect`: pure detectors (data and `now` in, findings out).
 //! - `finding`: the finding type shared by detectors, reporting and actions.
+//! - `config`, `run`, `report`, `metrics`, `doctor`, `flows`: the runtime around them (the
+//!   `agent.toml` file, the observing loop, the coordinator link, the Prometheus endpoint, the
+//!   `doctor` and `flows` commands).
 //!
 //! Decision logic stays free of I/O (see ARCHITECTURE.md).
 
