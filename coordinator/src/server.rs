@@ -23,7 +23,7 @@ use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
-    admission::{FreezeRecord, HostId, UnixMillis, effective_cap},
+    admission::{FreezeRecord, UnixMillis, effective_cap},
     engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, Outcome},
     telemetry::{FleetTelemetry, FlowEdge, MAX_EDGES_PER_HOST, ReportedFinding},
     view::Scope,
@@ -574,7 +574,6 @@ impl Operator for Services {
                 }
             })
             .collect();
-        let _ = HostId(String::new());
         Ok(Response::new(pb::BudgetsReply { budgets }))
     }
 
