@@ -593,6 +593,21 @@ impl Engine {
         result
     }
 
+    /// Milliseconds left on a store lease (whole seconds, as etcd reports them), or `None` if
+    /// the store does not answer; a lease that is gone reports 0.
+    pub async fn store_lease_left(&self, store_lease: i64) -> Option<i64> {
+        match self
+            .inner
+            .store
+            .lease_time_to_live(LeaseId(store_lease))
+            .await
+        {
+            Ok(Some(secs)) => Some(secs.saturating_mul(1000)),
+            Ok(None) => Some(0),
+            Err(_) => None,
+        }
+    }
+
     /// Answers a pending request's poll from the snapshot.
     pub async fn poll_approval(&self, id: &str) -> Result<AcquireOutcome, EngineError> {
         let snap = self.snapshot();

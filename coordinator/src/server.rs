@@ -506,15 +506,26 @@ impl Operator for Services {
     ) -> Result<Response<pb::LeasesReply>, Status> {
         let snap = self.engine.snapshot();
         self.require_leader(&snap).await?;
-        let now = now_ms();
+        // Time left comes from the store lease itself (renewals included), asked for all
+        // leases at once; if the store does not answer, the TTL from the grant is shown.
+        let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        let left = futures_util::future::join_all(
+            snap.view
+                .leases
+                .values()
+                .map(|l| self.engine.store_lease_left(l.store_lease)),
+        )
+        .await;
         let leases = snap
             .view
             .leases
             .values()
-            .map(|l| {
-                // Time left as the holder sees it: TTL from the grant, or from the last renewal
-                // (not tracked here), so this is the worst case for the holder.
-                let deadline = l.record.granted_at.0.saturating_add(l.record.ttl_ms);
+            .zip(left)
+            .map(|(l, left)| {
+                let from_grant =
+                    i64::try_from(l.record.granted_at.0.saturating_add(l.record.ttl_ms))
+                        .unwrap_or(i64::MAX)
+                        - now;
                 pb::Lease {
                     lease_id: l.record.lease_id.clone(),
                     token: l.token,
@@ -524,8 +535,7 @@ impl Operator for Services {
                     target: l.record.target.clone(),
                     granted_at_ms: l.record.granted_at.0,
                     ttl_ms: l.record.ttl_ms,
-                    expires_in_ms: i64::try_from(deadline).unwrap_or(i64::MAX)
-                        - i64::try_from(now).unwrap_or(i64::MAX),
+                    expires_in_ms: left.unwrap_or(from_grant),
                     approver: l.record.approver.clone().unwrap_or_default(),
                 }
             })

@@ -86,6 +86,23 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
             lease_ids(&f.channel).await.contains(&lease),
             "renewed lease is live"
         );
+        // `interlock leases` shows the time left on the renewed store lease, not the TTL
+        // counted from the grant (which ran out a TTL ago).
+        let listed = client::operator(&f.channel)
+            .leases(pb::LeasesRequest {})
+            .await
+            .expect("leases")
+            .into_inner()
+            .leases;
+        let left = listed
+            .iter()
+            .find(|l| l.lease_id == lease)
+            .unwrap()
+            .expires_in_ms;
+        assert!(
+            (1..=2_000).contains(&left),
+            "time left {left} ms on a renewed 2 s lease"
+        );
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &child.id().to_string()])
             .status()
