@@ -124,6 +124,76 @@ async fn the_cli_reports_decisions_by_exit_code_and_dry_runs_change_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // An operator revokes one lease by id, then freezes the class ending the others.
+    let lease_of = |out: &Output| -> String {
+        json(out)["granted"]["lease_id"]
+            .as_str()
+            .expect("granted")
+            .to_owned()
+    };
+    let first = lease_of(&interlock(&url, &with_json));
+    let mut second_target = with_json.clone();
+    *second_target.last_mut().unwrap() = "/u";
+    let second = lease_of(&interlock(&url, &second_target));
+    let out = interlock(&url, &["lease", "revoke", &first, "--reason", "manual fix"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let live = |url: &str| -> Vec<String> {
+        json(&interlock(url, &["-o", "json", "leases"]))["leases"]
+            .as_array()
+            .expect("leases")
+            .iter()
+            .map(|l| l["lease_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        live(&url),
+        vec![second.clone()],
+        "the revoked lease is gone"
+    );
+    let out = interlock(
+        &url,
+        &[
+            "-o",
+            "json",
+            "freeze",
+            "--class",
+            "disk_cleanup",
+            "--revoke",
+            "--reason",
+            "incident",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        live(&url).is_empty(),
+        "freeze --revoke ended the remaining lease"
+    );
+    let audit = json(&interlock(
+        &url,
+        &["-o", "json", "audit", "--class", "disk_cleanup"],
+    ));
+    let revokes: Vec<&serde_json::Value> = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["kind"] == "revoke")
+        .collect();
+    assert_eq!(revokes.len(), 2, "both revocations audited");
+    assert!(revokes.iter().all(|r| r["owner"] == "operator:alice"));
+    let out = interlock(
+        &url,
+        &["unfreeze", "--class", "disk_cleanup", "--reason", "over"],
+    );
+    assert!(out.status.success());
+
     let out = interlock(&url, &["mode", "--class", "disk_cleanup", "observe"]);
     assert!(out.status.success());
     assert_eq!(
