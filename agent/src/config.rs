@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::detect::{ConfigErrors, baseline, crashloop, forecast, leak, threshold};
+use crate::detect::{ConfigErrors, baseline, crashloop, forecast, leak, oomkill, threshold};
 use crate::finding::Millis;
 
 /// Where the agent serves `/metrics` unless the file says otherwise.
@@ -37,7 +37,21 @@ pub struct RawConfig {
     pub watch: RawWatch,
     #[serde(default)]
     pub detectors: RawDetectors,
+    #[serde(default)]
+    pub intervals: RawIntervals,
     pub log_format: Option<String>,
+}
+
+/// How often each kind of reading is taken.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntervals {
+    /// Disk space and inodes of the watched mounts.
+    pub disk: Option<String>,
+    /// Watched processes (RSS, whether they still run) and OOM-finding expiry.
+    pub process: Option<String>,
+    /// PSI, system-wide and of the watched cgroups (triggers also wake it up at once).
+    pub psi: Option<String>,
 }
 
 /// One URL or a list of replicas.
@@ -62,6 +76,17 @@ pub struct RawWatch {
     pub mounts: Vec<PathBuf>,
     #[serde(default)]
     pub process: Vec<RawProcess>,
+    #[serde(default)]
+    pub cgroup: Vec<RawCgroup>,
+}
+
+/// A cgroup (v2) whose own PSI is watched.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCgroup {
+    /// The cgroup as `/proc/<pid>/cgroup` names it (`0::/system.slice/web.service`), i.e.
+    /// relative to the cgroup2 mount, starting with `/`.
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,8 +113,20 @@ pub struct RawDetectors {
     pub crash_loop: RawCrashLoop,
     #[serde(default)]
     pub psi: RawPsi,
+    /// PSI of the watched cgroups (`[[watch.cgroup]]`); unset fields take `[detectors.psi]`'s.
+    #[serde(default)]
+    pub cgroup_psi: RawPsi,
+    #[serde(default)]
+    pub oom_kill: RawOomKill,
     #[serde(default)]
     pub connect_failures: RawBaseline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOomKill {
+    /// How long an `oom_kill` finding is held after the last kill of its process name.
+    pub hold: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,9 +202,35 @@ pub struct AgentConfig {
     /// Mount points to watch; empty means every real filesystem.
     pub mounts: Vec<PathBuf>,
     pub processes: Vec<WatchedProcess>,
+    /// Cgroups whose PSI is watched, relative to the cgroup2 mount (`/` first).
+    pub cgroups: Vec<String>,
     pub detectors: DetectorConfigs,
+    pub intervals: Intervals,
     pub log_format: LogFormat,
 }
+
+/// How often each reading is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intervals {
+    pub disk: Duration,
+    pub process: Duration,
+    pub psi: Duration,
+}
+
+impl Default for Intervals {
+    /// Every second.
+    fn default() -> Self {
+        Self {
+            disk: Duration::from_secs(1),
+            process: Duration::from_secs(1),
+            psi: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The shortest and longest reading interval accepted.
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl AgentConfig {
     /// The host's `service` label (required, so always there).
@@ -205,6 +268,10 @@ pub struct DetectorConfigs {
     pub psi: threshold::Config,
     /// The kernel trigger on `/proc/pressure/memory`: (stall, window).
     pub psi_trigger: (Duration, Duration),
+    /// PSI of each watched cgroup, and the trigger on its `memory.pressure`.
+    pub cgroup_psi: threshold::Config,
+    pub cgroup_psi_trigger: (Duration, Duration),
+    pub oom_kill: oomkill::Config,
     pub connect_failures: baseline::Config,
 }
 
@@ -357,6 +424,7 @@ impl RawConfig {
             metrics,
             watch,
             detectors,
+            intervals,
             log_format,
         } = self;
         let mut p = Problems::default();
@@ -465,7 +533,24 @@ impl RawConfig {
             }
         }
 
+        let mut cgroups = Vec::new();
+        for (i, RawCgroup { path }) in watch.cgroup.into_iter().enumerate() {
+            let at = format!("watch.cgroup[{i}].path");
+            match path {
+                None => p.add(at, "missing; name the cgroup as /proc/PID/cgroup does, e.g. \"/system.slice/web.service\""),
+                Some(c) if !c.starts_with('/') || c.split('/').any(|part| part == "..") => p.add(
+                    at,
+                    format!("{c:?} must start with '/' (relative to the cgroup2 mount, as /proc/PID/cgroup names it) and must not contain '..'"),
+                ),
+                Some(c) if cgroups.contains(&c) => {
+                    p.add(at, format!("the cgroup {c:?} is listed twice"));
+                }
+                Some(c) => cgroups.push(c),
+            }
+        }
+
         let detectors = validate_detectors(&mut p, detectors);
+        let intervals = validate_intervals(&mut p, &intervals);
 
         let log_format = match log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -489,9 +574,33 @@ impl RawConfig {
             metrics_listen,
             mounts: watch.mounts,
             processes,
+            cgroups,
             detectors,
+            intervals,
             log_format,
         })
+    }
+}
+
+fn validate_intervals(p: &mut Problems, raw: &RawIntervals) -> Intervals {
+    let RawIntervals { disk, process, psi } = raw;
+    let d = Intervals::default();
+    let mut one = |name: &str, value: Option<&String>, default: Duration| {
+        let path = format!("intervals.{name}");
+        let v = p.duration(&path, value, default);
+        if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&v) {
+            p.add(
+                path,
+                format!("{v:?} is out of range; use between {MIN_INTERVAL:?} and {MAX_INTERVAL:?}"),
+            );
+            return default;
+        }
+        v
+    };
+    Intervals {
+        disk: one("disk", disk.as_ref(), d.disk),
+        process: one("process", process.as_ref(), d.process),
+        psi: one("psi", psi.as_ref(), d.psi),
     }
 }
 
@@ -644,6 +753,8 @@ fn validate_detectors(p: &mut Problems, raw: RawDetectors) -> DetectorConfigs {
         memory_leak,
         crash_loop,
         psi,
+        cgroup_psi,
+        oom_kill,
         connect_failures,
     } = raw;
 
@@ -725,7 +836,6 @@ fn validate_detectors(p: &mut Problems, raw: RawDetectors) -> DetectorConfigs {
     };
     p.detector(s, crash_loop.validate());
 
-    let s = "detectors.psi";
     let psi_default = threshold::Config {
         metric: "psi_some_avg10",
         high: 40.0,
@@ -733,50 +843,27 @@ fn validate_detectors(p: &mut Problems, raw: RawDetectors) -> DetectorConfigs {
         for_ms: 30_000,
         cooldown_ms: 10 * 60_000,
     };
-    let RawPsi {
-        high,
-        low,
-        for_,
-        cooldown,
-        trigger_stall,
-        trigger_window,
-    } = &psi;
-    let psi_cfg = threshold_config(
+    let default_trigger = (Duration::from_millis(200), Duration::from_secs(2));
+    let (psi_cfg, psi_trigger) = psi_config(p, "detectors.psi", &psi, psi_default, default_trigger);
+    // A cgroup's settings default to the (checked) system-wide ones, field by field, so a
+    // mistake in [detectors.psi] is reported once.
+    let (cgroup_psi, cgroup_psi_trigger) = psi_config(
         p,
-        s,
-        &RawThreshold {
-            high: *high,
-            low: *low,
-            for_: for_.clone(),
-            cooldown: cooldown.clone(),
-        },
-        psi_default,
+        "detectors.cgroup_psi",
+        &cgroup_psi,
+        psi_cfg.clone(),
+        psi_trigger,
     );
-    if !(0.0..=100.0).contains(&psi_cfg.high) {
-        p.add(
-            format!("{s}.high"),
-            "PSI avg10 is a percentage; use a value between 0 and 100",
-        );
-    }
-    let stall = p.duration(
-        &format!("{s}.trigger_stall"),
-        trigger_stall.as_ref(),
-        Duration::from_millis(200),
-    );
-    let window = p.duration(
-        &format!("{s}.trigger_window"),
-        trigger_window.as_ref(),
-        Duration::from_secs(2),
-    );
-    if window < Duration::from_millis(500) || window > Duration::from_secs(10) {
-        p.add(format!("{s}.trigger_window"), "must be between 500ms and 10s (the kernel's limits); 2s multiples work without CAP_SYS_RESOURCE");
-    }
-    if stall.is_zero() || stall > window {
-        p.add(
-            format!("{s}.trigger_stall"),
-            "must be above zero and at most trigger_window",
-        );
-    }
+
+    let s = "detectors.oom_kill";
+    let oom_kill = oomkill::Config {
+        hold_ms: p.millis(
+            &format!("{s}.hold"),
+            oom_kill.hold.as_ref(),
+            oomkill::Config::default().hold_ms,
+        ),
+    };
+    p.detector(s, oom_kill.validate());
 
     let d = baseline::Config {
         metric: "failed_connects_per_s",
@@ -812,9 +899,67 @@ fn validate_detectors(p: &mut Problems, raw: RawDetectors) -> DetectorConfigs {
         memory_leak,
         crash_loop,
         psi: psi_cfg,
-        psi_trigger: (stall, window),
+        psi_trigger,
+        cgroup_psi,
+        cgroup_psi_trigger,
+        oom_kill,
         connect_failures,
     }
+}
+
+/// A PSI threshold and its kernel trigger (stall, window), checked against the kernel's limits.
+fn psi_config(
+    p: &mut Problems,
+    s: &str,
+    raw: &RawPsi,
+    default: threshold::Config,
+    default_trigger: (Duration, Duration),
+) -> (threshold::Config, (Duration, Duration)) {
+    let RawPsi {
+        high,
+        low,
+        for_,
+        cooldown,
+        trigger_stall,
+        trigger_window,
+    } = raw;
+    let psi_cfg = threshold_config(
+        p,
+        s,
+        &RawThreshold {
+            high: *high,
+            low: *low,
+            for_: for_.clone(),
+            cooldown: cooldown.clone(),
+        },
+        default,
+    );
+    if !(0.0..=100.0).contains(&psi_cfg.high) {
+        p.add(
+            format!("{s}.high"),
+            "PSI avg10 is a percentage; use a value between 0 and 100",
+        );
+    }
+    let stall = p.duration(
+        &format!("{s}.trigger_stall"),
+        trigger_stall.as_ref(),
+        default_trigger.0,
+    );
+    let window = p.duration(
+        &format!("{s}.trigger_window"),
+        trigger_window.as_ref(),
+        default_trigger.1,
+    );
+    if window < Duration::from_millis(500) || window > Duration::from_secs(10) {
+        p.add(format!("{s}.trigger_window"), "must be between 500ms and 10s (the kernel's limits); 2s multiples work without CAP_SYS_RESOURCE");
+    }
+    if stall.is_zero() || stall > window {
+        p.add(
+            format!("{s}.trigger_stall"),
+            "must be above zero and at most trigger_window",
+        );
+    }
+    (psi_cfg, (stall, window))
 }
 
 fn threshold_config(
@@ -942,6 +1087,75 @@ for = "soon"
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert_eq!(p.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn intervals_cgroups_and_short_windows_are_read() {
+        let c = parse_ok(
+            r#"
+coordinator = "http://a:1"
+[labels]
+service = "w"
+[[watch.cgroup]]
+path = "/system.slice/web.service"
+[intervals]
+disk = "200ms"
+[detectors.psi]
+high = 30.0
+[detectors.cgroup_psi]
+for = "0s"
+trigger_window = "1s"
+[detectors.disk_forecast]
+window = "6s"
+min_span = "3s"
+horizon = "60s"
+[detectors.oom_kill]
+hold = "30s"
+"#,
+        );
+        assert_eq!(c.cgroups, vec!["/system.slice/web.service"]);
+        assert_eq!(c.intervals.disk, Duration::from_millis(200));
+        assert_eq!(c.intervals.process, Duration::from_secs(1));
+        assert_eq!(c.detectors.disk_forecast.window_ms, 6000);
+        assert_eq!(c.detectors.disk_forecast.horizon_ms, 60_000);
+        assert_eq!(c.detectors.oom_kill.hold_ms, 30_000);
+        // Unset cgroup PSI fields take the system-wide ones.
+        assert_eq!(c.detectors.cgroup_psi.high, 30.0);
+        assert_eq!(c.detectors.cgroup_psi.for_ms, 0);
+        assert_eq!(
+            c.detectors.cgroup_psi_trigger,
+            (Duration::from_millis(200), Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn bad_intervals_and_cgroups_are_listed() {
+        let p = problems(
+            r#"
+coordinator = "http://a:1"
+[labels]
+service = "w"
+[[watch.cgroup]]
+path = "relative"
+[[watch.cgroup]]
+[intervals]
+disk = "1ms"
+psi = "often"
+[detectors.oom_kill]
+hold = "0s"
+"#,
+        );
+        let text = p.join("\n");
+        for want in [
+            "watch.cgroup[0].path: ",
+            "watch.cgroup[1].path: missing",
+            "intervals.disk: ",
+            "intervals.psi: \"often\" is not a duration",
+            "detectors.oom_kill.hold: ",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert_eq!(p.len(), 5, "{text}");
     }
 
     #[test]

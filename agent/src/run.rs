@@ -26,6 +26,7 @@ use crate::detect::baseline::RollingBaseline;
 use crate::detect::crashloop::{CrashLoop, Exit};
 use crate::detect::forecast::{DiskForecast, DiskSample};
 use crate::detect::leak::{LeakDetector, MemorySample};
+use crate::detect::oomkill::{OomKill, OomKills};
 use crate::detect::threshold::ThresholdDetector;
 use crate::finding::{Finding, Millis};
 use crate::flows::{FlowProbes, FlowTable};
@@ -39,8 +40,6 @@ use crate::report::{
     after_call, finding_to_wire, heartbeat_interval,
 };
 
-/// How often disks, PSI, memory and watched processes are read.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the probes' rings are drained.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(200);
 /// How often flow edges are reported (and the connect-failure baselines sampled).
@@ -133,6 +132,15 @@ struct MountDetectors {
     forecast: DiskForecast,
 }
 
+/// One watched cgroup: its PSI detectors, and whether its memory trigger is installed.
+struct CgroupWatch {
+    path: String,
+    psi: Vec<(PsiResource, ThresholdDetector)>,
+    trigger: bool,
+    /// The cgroup's PSI could not be read last time (logged once per change).
+    missing: bool,
+}
+
 /// One watched process: where it is now and its detectors.
 struct ProcessWatch {
     spec: WatchedProcess,
@@ -150,6 +158,8 @@ struct Observer {
     psi: BTreeMap<&'static str, ThresholdDetector>,
     psi_available: bool,
     processes: Vec<ProcessWatch>,
+    cgroups: Vec<CgroupWatch>,
+    oom: OomKills,
     baselines: BTreeMap<SocketAddr, RollingBaseline>,
     connect_config: crate::detect::baseline::Config,
     /// Findings whose condition still holds, by id.
@@ -178,6 +188,22 @@ impl Observer {
                 pid: None,
             });
         }
+        let mut cgroups = Vec::new();
+        for path in &config.cgroups {
+            let mut psi = Vec::new();
+            for (name, resource) in PSI_RESOURCES {
+                psi.push((
+                    resource,
+                    ThresholdDetector::new(name, path.clone(), d.cgroup_psi.clone())?,
+                ));
+            }
+            cgroups.push(CgroupWatch {
+                path: path.clone(),
+                psi,
+                trigger: false,
+                missing: false,
+            });
+        }
         Ok(Self {
             metrics,
             epoch: (Instant::now(), unix_ms()),
@@ -186,6 +212,8 @@ impl Observer {
             psi,
             psi_available: true,
             processes,
+            cgroups,
+            oom: OomKills::new(d.oom_kill.clone())?,
             baselines: BTreeMap::new(),
             connect_config: d.connect_failures.clone(),
             active: BTreeMap::new(),
@@ -217,27 +245,48 @@ impl Observer {
     ) {
         let mut probes = Probes::load(&self.metrics);
         let mut trigger = open_psi_trigger(config);
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        // Each watched cgroup's trigger runs in its own task and names its cgroup here.
+        let (cgroup_tx, mut cgroup_events) = mpsc::channel::<CgroupTriggerEvent>(16);
+        let mut disk_tick = tokio::time::interval(config.intervals.disk);
+        let mut process_tick = tokio::time::interval(config.intervals.process);
+        let mut psi_tick = tokio::time::interval(config.intervals.psi);
+        for tick in [&mut disk_tick, &mut process_tick, &mut psi_tick] {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         let mut flow_tick = tokio::time::interval(FLOW_INTERVAL);
         flow_tick.reset();
         let mut flow_table = FlowTable::default();
         let mut flow_started = Instant::now();
         let mut exits = Vec::new();
+        let mut kills = Vec::new();
         loop {
             let mut changed = false;
             tokio::select! {
-                _ = poll.tick() => {
+                _ = disk_tick.tick() => {
                     changed |= self.poll_disks(pressure, config);
+                }
+                _ = psi_tick.tick() => {
                     changed |= self.poll_psi(pressure);
+                    changed |= self.poll_cgroups(pressure, config, &cgroup_tx);
+                }
+                _ = process_tick.tick() => {
                     changed |= self.poll_processes(pressure, probes.process.is_some());
+                    changed |= self.expire_oom_kills();
                 }
                 _ = drain.tick() => {
                     exits.clear();
-                    probes.drain(&self.metrics, &mut flow_table, &mut exits);
-                    for (pid, exit) in &exits {
-                        changed |= self.process_exit(*pid, *exit);
+                    kills.clear();
+                    probes.drain(&self.metrics, &mut flow_table, &mut exits, &mut kills);
+                    for kill in &kills {
+                        changed |= self.oom_kill(kill);
                     }
+                    for (pid, comm, exit) in &exits {
+                        changed |= self.process_exit(*pid, comm, *exit);
+                    }
+                }
+                Some(event) = cgroup_events.recv() => {
+                    changed |= self.cgroup_trigger(pressure, event);
                 }
                 _ = flow_tick.tick() => {
                     let elapsed = flow_started.elapsed();
@@ -269,7 +318,7 @@ impl Observer {
                             changed |= self.poll_psi(pressure);
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "PSI trigger failed; PSI is still polled every second");
+                            tracing::warn!(error = %e, "PSI trigger failed; PSI is still polled");
                             trigger = None;
                         }
                     }
@@ -418,11 +467,26 @@ impl Observer {
         changed
     }
 
-    fn process_exit(&mut self, pid: u32, exit: Exit) -> bool {
+    /// One process ended. It counts for a watched process when it is the pid last located, or
+    /// when it matches the locator now: the same comm, or the pid its pidfile names (a process
+    /// that dies within a poll interval is never located, yet its exits make the loop).
+    fn process_exit(&mut self, pid: u32, comm: &str, exit: Exit) -> bool {
         let now = self.now();
         let mut hits = Vec::new();
         for w in &mut self.processes {
-            if w.pid == Some(pid) {
+            let matches = w.pid == Some(pid)
+                || match &w.spec.locator {
+                    ProcessLocator::Comm(c) => c == comm,
+                    ProcessLocator::Pidfile(path) => {
+                        std::fs::read_to_string(path)
+                            .ok()
+                            .and_then(|t| t.trim().parse::<u32>().ok())
+                            == Some(pid)
+                    }
+                    ProcessLocator::Cmdline(_) => false,
+                };
+            if matches {
+                tracing::info!(process = w.spec.name, pid, %exit, "watched process exited");
                 let finding = w.crash.observe(now, exit);
                 hits.push((
                     format!("crash_loop/{}", w.spec.name),
@@ -434,6 +498,95 @@ impl Observer {
         }
         let mut changed = false;
         for (id, firing, finding) in hits {
+            changed |= self.track(id, firing, finding);
+        }
+        changed
+    }
+
+    /// One OOM kill: a finding about the victim's process name (updated on every kill).
+    fn oom_kill(&mut self, kill: &OomKill) -> bool {
+        let now = self.now();
+        let finding = self.oom.observe(now, kill);
+        self.track(finding.id.clone(), true, Some(finding))
+    }
+
+    /// Drops the OOM findings whose hold ran out.
+    fn expire_oom_kills(&mut self) -> bool {
+        let now = self.now();
+        let mut changed = false;
+        for id in self.oom.expire(now) {
+            changed |= self.active.remove(&id).is_some();
+        }
+        changed
+    }
+
+    /// Reads each watched cgroup's PSI and installs its memory trigger while it has none.
+    fn poll_cgroups(
+        &mut self,
+        pressure: &HostPressure,
+        config: &AgentConfig,
+        events: &mpsc::Sender<CgroupTriggerEvent>,
+    ) -> bool {
+        let mut changed = false;
+        for i in 0..self.cgroups.len() {
+            if !self.cgroups[i].trigger {
+                self.cgroups[i].trigger =
+                    spawn_cgroup_trigger(pressure, config, i, &self.cgroups[i].path, events);
+            }
+            changed |= self.read_cgroup(pressure, i);
+        }
+        changed
+    }
+
+    fn cgroup_trigger(&mut self, pressure: &HostPressure, event: CgroupTriggerEvent) -> bool {
+        match event {
+            CgroupTriggerEvent::Fired(i) => {
+                self.metrics.events("psi_trigger", 1);
+                self.read_cgroup(pressure, i)
+            }
+            CgroupTriggerEvent::Gone(i) => {
+                if let Some(w) = self.cgroups.get_mut(i) {
+                    w.trigger = false;
+                }
+                false
+            }
+        }
+    }
+
+    /// Feeds one cgroup's PSI (some avg10 per resource) to its detectors.
+    fn read_cgroup(&mut self, pressure: &HostPressure, i: usize) -> bool {
+        let now = self.now();
+        let Some(w) = self.cgroups.get_mut(i) else {
+            return false;
+        };
+        let mut results = Vec::new();
+        for (resource, det) in &mut w.psi {
+            match pressure.cgroup_psi(&w.path, *resource) {
+                Ok(psi) => {
+                    if w.missing {
+                        tracing::info!(cgroup = w.path, "watched cgroup found");
+                        w.missing = false;
+                    }
+                    let finding = det
+                        .observe(now, psi.some.avg10)
+                        .map(|f| f.evidence("full_avg10", psi.full.map_or(0.0, |l| l.avg10)));
+                    results.push((
+                        format!("{}/{}", det_name(*resource), w.path),
+                        det.is_firing(),
+                        finding,
+                    ));
+                }
+                Err(e) => {
+                    if !w.missing {
+                        tracing::warn!(cgroup = w.path, error = %e, "watched cgroup's PSI is not readable (no such cgroup yet?)");
+                        w.missing = true;
+                    }
+                    break;
+                }
+            }
+        }
+        let mut changed = false;
+        for (id, firing, finding) in results {
             changed |= self.track(id, firing, finding);
         }
         changed
@@ -483,6 +636,68 @@ const PSI_RESOURCES: [(&str, PsiResource); 3] = [
     ("psi_memory", PsiResource::Memory),
     ("psi_io", PsiResource::Io),
 ];
+
+/// The detector name of a PSI resource.
+fn det_name(resource: PsiResource) -> &'static str {
+    PSI_RESOURCES
+        .iter()
+        .find(|(_, r)| *r == resource)
+        .map_or("psi", |(n, _)| n)
+}
+
+/// What a watched cgroup's trigger task says: it fired, or it ended (the cgroup is gone or the
+/// kernel refused it) and must be installed again.
+#[derive(Clone, Copy, Debug)]
+enum CgroupTriggerEvent {
+    Fired(usize),
+    Gone(usize),
+}
+
+/// Installs the memory trigger of watched cgroup `index` and runs it in a task that reports to
+/// `events`; false when it cannot be installed now (no cgroup2, no such cgroup yet).
+fn spawn_cgroup_trigger(
+    pressure: &HostPressure,
+    config: &AgentConfig,
+    index: usize,
+    cgroup: &str,
+    events: &mpsc::Sender<CgroupTriggerEvent>,
+) -> bool {
+    let Some(root) = pressure.layout().v2_root.as_ref() else {
+        return false;
+    };
+    let file = crate::pressure::cgroup::join_cgroup(root, cgroup).join("memory.pressure");
+    let (stall, window) = config.detectors.cgroup_psi_trigger;
+    let spec = PsiTriggerSpec {
+        kind: StallKind::Some,
+        stall,
+        window,
+    };
+    let mut trigger = match PsiTrigger::open(&file, spec) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(cgroup, error = %e, "no PSI trigger on the cgroup yet");
+            return false;
+        }
+    };
+    tracing::info!(cgroup, file = %file.display(), "PSI trigger installed on the watched cgroup");
+    let events = events.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = match trigger.next_event().await {
+                Ok(_) => CgroupTriggerEvent::Fired(index),
+                Err(e) => {
+                    tracing::info!(error = %e, "PSI trigger of a watched cgroup ended");
+                    let _ = events.send(CgroupTriggerEvent::Gone(index)).await;
+                    return;
+                }
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    true
+}
 
 /// The pid of a watched process now, if it runs.
 fn locate(locator: &ProcessLocator) -> Option<u32> {
@@ -593,7 +808,8 @@ impl Probes {
         &mut self,
         metrics: &AgentMetrics,
         table: &mut FlowTable,
-        exits: &mut Vec<(u32, Exit)>,
+        exits: &mut Vec<(u32, String, Exit)>,
+        kills: &mut Vec<OomKill>,
     ) {
         let (tcp, failures) = self.flows.drain_into(table);
         metrics.events("tcp_state", tcp);
@@ -609,11 +825,18 @@ impl Probes {
                             ExitStatus::Exited(code) => Exit::Code(code),
                             ExitStatus::Signaled { signal, .. } => Exit::Signal(signal),
                         };
-                        exits.push((e.pid, exit));
+                        exits.push((e.pid, e.comm, exit));
                     }
                     ProcessRecord::OomKill(k) => {
                         metrics.events("oom_kill", 1);
                         tracing::warn!(pid = k.pid, comm = k.comm, "OOM kill");
+                        kills.push(OomKill {
+                            pid: k.pid,
+                            comm: k.comm,
+                            anon_rss_kb: k.anon_rss_kb,
+                            total_vm_kb: k.total_vm_kb,
+                            oom_score_adj: k.oom_score_adj,
+                        });
                     }
                     ProcessRecord::Unknown(_) => {}
                 }

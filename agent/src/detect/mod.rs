@@ -26,6 +26,7 @@ pub mod corpus;
 pub mod crashloop;
 pub mod forecast;
 pub mod leak;
+pub mod oomkill;
 pub mod threshold;
 pub mod trend;
 
