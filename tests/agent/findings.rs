@@ -870,3 +870,74 @@ trigger_window = "2s"
     drop(v1);
     drop(v2);
 }
+
+// ----------------------------------------------------------------------- flow edges → graph
+
+impl Stack {
+    /// Operator `Graph`: every edge the coordinator holds.
+    fn graph(&self) -> Vec<pb::GraphEdge> {
+        let url = self.url();
+        self.rt
+            .block_on(async {
+                let channel = channel(&url).await;
+                operator(&channel).graph(pb::GraphRequest {}).await
+            })
+            .map(|r| r.into_inner().edges)
+            .unwrap_or_default()
+    }
+}
+
+/// Issue test 9: a real agent's flow edges reach the coordinator and `interlock graph` shows
+/// the edge, with the host's service and the connecting process.
+#[test]
+fn a_real_agents_flow_edges_show_in_interlock_graph() {
+    require_root("the agent loads eBPF programs");
+    let stack = Stack::start("graph-e2e");
+    let host = unique("graph");
+    let agent = Agent::start(&host, &stack.url(), "");
+    agent.wait_for("tcp probe", Duration::from_secs(20), |a| {
+        a.metric("interlock_agent_probe_loaded{probe=\"tcp\"}") == 1.0
+    });
+    // Connections from this test process to a listener of its own, on loopback.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let remote = listener.local_addr().expect("addr");
+    let started = Instant::now();
+    for _ in 0..20 {
+        let mut c = std::net::TcpStream::connect(remote).expect("connect");
+        let (_s, _) = listener.accept().expect("accept");
+        c.write_all(b"hello").expect("write");
+    }
+    // Flow edges are reported every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let edge = loop {
+        let found = stack
+            .graph()
+            .into_iter()
+            .find(|e| e.from_host == host && e.to == remote.to_string());
+        if let Some(edge) = found {
+            break edge;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no edge to {remote} from {host} in the graph within 30 s; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "flow edge in the graph {:?} after the connections",
+        started.elapsed()
+    );
+    assert_eq!(edge.from_service, "web", "the host's service label");
+    assert!(edge.connects_per_s > 0.0, "{edge:?}");
+    assert!(!edge.process.is_empty(), "{edge:?}");
+    let out = Command::new(binary("interlock"))
+        .args(["--coordinator", &stack.url(), "-o", "dot", "graph"])
+        .output()
+        .expect("run interlock graph");
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dot.contains(&format!("\"web\" -> \"{remote}\"")),
+        "the dot graph has the edge:\n{dot}"
+    );
+}
