@@ -35,10 +35,11 @@ pub const COMM_LEN: usize = 16;
 /// (`include/trace/events/sock.h`).
 ///
 /// Ports are in host byte order (the tracepoint converts them). For IPv4 sockets the address
-/// is in the first four bytes of `saddr`/`daddr`. `pid`/`tgid`/`comm` are those of the task
-/// running when the transition happened: right for the active side of a connect (process
-/// context), but whoever delivered the packet for softirq-driven transitions, so consumers
-/// attribute passive-side events by socket (`skaddr`), not by pid.
+/// is in the first four bytes of `saddr`/`daddr`. `tgid`/`tid`/`comm`/`cgroup_id` are those of
+/// the task running when the transition happened, except for `SYN_SENT -> ESTABLISHED` and
+/// `SYN_SENT -> CLOSE`, which carry the task that called `connect` (captured in process
+/// context at `CLOSE -> SYN_SENT`). Other softirq-driven transitions (the passive side) carry
+/// whoever delivered the packet, so consumers attribute them by socket (`skaddr`), not by pid.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpStateEvent {
@@ -46,6 +47,8 @@ pub struct TcpStateEvent {
     pub ts_ns: u64,
     /// Kernel address of the socket: a stable id for the socket's lifetime.
     pub skaddr: u64,
+    /// `bpf_get_current_cgroup_id()`: the task's cgroup v2 id (1 for the root).
+    pub cgroup_id: u64,
     /// Thread-group id (the user-visible pid).
     pub tgid: u32,
     /// Thread id.
@@ -116,10 +119,14 @@ pub mod counter {
     pub const CONNECT_FAILURES_DROPPED: u32 = 5;
     /// `inet_sock_set_state` runs for another protocol than TCP (ignored, no event).
     pub const NOT_TCP: u32 = 6;
-    /// Updates of the `CONNECTING` or `TCP_FLOWS` maps the kernel refused.
+    /// Updates of the `CONNECTING`, `TCP_FLOWS` or `ESTABLISHED_AT` maps the kernel refused.
     pub const MAP_UPDATE_FAILED: u32 = 7;
+    /// Records written to the `TCP_CLOSES` ring buffer.
+    pub const TCP_CLOSES_SENT: u32 = 8;
+    /// Records lost because `TCP_CLOSES` was full.
+    pub const TCP_CLOSES_DROPPED: u32 = 9;
     /// Number of counters; the size of the `COUNTERS` map.
-    pub const LEN: u32 = 8;
+    pub const LEN: u32 = 10;
 }
 
 /// What a [`ProcessEvent`] reports.
@@ -200,6 +207,54 @@ pub struct ConnectFailureEvent {
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
 unsafe impl aya::Pod for ConnectFailureEvent {}
+
+/// A TCP connection that ended (`BPF_SOCK_OPS_STATE_CB` with new state `TCP_CLOSE`, from the
+/// `sock_ops` program on the cgroup v2 root), with what it carried over its life.
+///
+/// Only connections established while the program was attached are reported: the program
+/// asks for state callbacks (`BPF_SOCK_OPS_STATE_CB_FLAG`) when the socket is established.
+/// The counters are the kernel's `struct tcp_sock` fields (`include/linux/tcp.h`) as exposed
+/// by `struct bpf_sock_ops` (`include/uapi/linux/bpf.h`). They count sequence space
+/// (`tcp_snd_una_update` and `tcp_rcv_nxt_update` in `net/ipv4/tcp_input.c`), so a FIN counts
+/// as one byte once received or acked, and so does the SYN of a connect once acked (an
+/// accepted socket is created after the handshake: its SYN-ACK is not counted). Measured on a
+/// loopback connection that sent 100,000 bytes and got 2,345 back, graceful close: connecting
+/// side acked 100,002 / received 2,346, accepting side acked 2,346 / received 100,001. Ports are in host byte order; IPv4
+/// addresses sit in the first four bytes. `saddr:sport` is this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpCloseEvent {
+    /// `bpf_ktime_get_ns()` at the close.
+    pub ts_ns: u64,
+    /// `bpf_get_socket_cookie()`: a socket id unique for the kernel's uptime.
+    pub cookie: u64,
+    /// Nanoseconds since the socket was established; 0 if its start was evicted or missed.
+    pub duration_ns: u64,
+    /// `tcp_sock::bytes_received`: payload received, plus 1 for the peer's FIN.
+    pub bytes_received: u64,
+    /// `tcp_sock::bytes_acked`: payload the peer acked, plus 1 for our FIN and, for a
+    /// connect, 1 for our SYN.
+    pub bytes_acked: u64,
+    /// `tcp_sock::srtt_us` exactly as the kernel keeps it: the smoothed RTT in microseconds
+    /// **shifted left by 3** (eight times the RTT; `tcp_rtt_estimator` in
+    /// `net/ipv4/tcp_input.c`). Zero if no RTT was ever sampled. User space divides by 8.
+    pub srtt_us_x8: u32,
+    /// `tcp_sock::total_retrans`: segments retransmitted over the connection's life.
+    pub total_retrans: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// 1 if this host opened the connection (`BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`), 0 if it
+    /// accepted it (`BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`).
+    pub active_open: u8,
+    pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
+unsafe impl aya::Pod for TcpCloseEvent {}
 
 /// A TCP flow as the kernel's tracepoints name it, from the local side: `saddr:sport` is this
 /// host. Ports are in host byte order; IPv4 addresses sit in the first four bytes.
@@ -325,9 +380,16 @@ mod tests {
 
     #[test]
     fn tcp_state_event_has_no_implicit_padding() {
-        let fields = 8 + 8 + 4 + 4 + 4 + 4 + 2 * 4 + 16 + 16 + COMM_LEN;
+        let fields = 8 * 3 + 4 + 4 + 4 + 4 + 2 * 4 + 16 + 16 + COMM_LEN;
         assert_eq!(size_of::<TcpStateEvent>(), fields);
         assert_eq!(align_of::<TcpStateEvent>(), 8);
+    }
+
+    #[test]
+    fn tcp_close_event_has_no_implicit_padding() {
+        let fields = 8 * 5 + 4 * 2 + 2 * 3 + 1 + 1 + 16 + 16;
+        assert_eq!(size_of::<TcpCloseEvent>(), fields);
+        assert_eq!(align_of::<TcpCloseEvent>(), 8);
     }
 
     #[test]

@@ -10,11 +10,15 @@
 //! CLOSE -> SYN_SENT in the caller's context, so the caller is remembered in `CONNECTING`,
 //! keyed by the socket's address. The socket later goes SYN_SENT -> ESTABLISHED (forgotten) or
 //! SYN_SENT -> CLOSE (a failed connect, often in softirq context where the current task is
-//! unrelated: the remembered task is reported).
+//! unrelated: the remembered task is reported). The SYN_SENT -> ESTABLISHED event also carries
+//! the remembered task (pid, comm, cgroup), so an established active open names the process
+//! that connected even when the SYN-ACK was handled in softirq context.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    },
     macros::map,
     macros::tracepoint,
     maps::{LruHashMap, RingBuf},
@@ -44,6 +48,7 @@ static CONNECT_FAILURES: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 #[derive(Clone, Copy)]
 pub(crate) struct ConnectStart {
     started_ns: u64,
+    cgroup_id: u64,
     tgid: u32,
     tid: u32,
     comm: [u8; COMM_LEN],
@@ -92,8 +97,10 @@ fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = split_pid_tgid(pid_tgid);
-    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    let (mut tgid, mut tid) = split_pid_tgid(pid_tgid);
+    let mut comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    // SAFETY: no preconditions.
+    let mut cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let skaddr: u64 = field(ctx, SKADDR);
     let oldstate: i32 = field(ctx, OLDSTATE);
     let newstate: i32 = field(ctx, NEWSTATE);
@@ -111,6 +118,7 @@ fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
     if oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT {
         let start = ConnectStart {
             started_ns: now,
+            cgroup_id,
             tgid,
             tid,
             comm,
@@ -124,26 +132,31 @@ fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
             bump(counter::MAP_UPDATE_FAILED);
         }
     } else if oldstate == tcp_state::SYN_SENT {
-        if newstate == tcp_state::CLOSE
-            && let Some(start) = CONNECTING.get_ptr(skaddr)
-        {
+        if let Some(start) = CONNECTING.get_ptr(skaddr) {
             // SAFETY: a live map value, copied out at once.
             let start = unsafe { *start };
-            report_failed_connect(&ConnectFailureEvent {
-                ts_ns: now,
-                started_ns: start.started_ns,
-                skaddr,
-                tgid: start.tgid,
-                tid: start.tid,
-                sport,
-                dport,
-                family,
-                reset_received: start.reset_received,
-                _pad: 0,
-                saddr,
-                daddr,
-                comm: start.comm,
-            });
+            // Whatever the socket became, the event names the task that connected.
+            tgid = start.tgid;
+            tid = start.tid;
+            comm = start.comm;
+            cgroup_id = start.cgroup_id;
+            if newstate == tcp_state::CLOSE {
+                report_failed_connect(&ConnectFailureEvent {
+                    ts_ns: now,
+                    started_ns: start.started_ns,
+                    skaddr,
+                    tgid,
+                    tid,
+                    sport,
+                    dport,
+                    family,
+                    reset_received: start.reset_received,
+                    _pad: 0,
+                    saddr,
+                    daddr,
+                    comm,
+                });
+            }
         }
         let _ = CONNECTING.remove(skaddr);
     }
@@ -155,6 +168,7 @@ fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
     entry.write(TcpStateEvent {
         ts_ns: now,
         skaddr,
+        cgroup_id,
         tgid,
         tid,
         oldstate,

@@ -171,6 +171,13 @@ pub async fn diagnose(coordinators: &[String]) -> DoctorReport {
                 ..ProbeOptions::none()
             },
         ),
+        (
+            "probe.tcp_close",
+            ProbeOptions {
+                tcp_close: true,
+                ..ProbeOptions::none()
+            },
+        ),
     ] {
         checks.push(match ProbeSet::load(&options) {
             Ok(set) => Check::new(name, true, format!("loads: {}", set.programs().join(", "))),

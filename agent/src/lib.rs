@@ -10,6 +10,7 @@
 //!
 //! Decision logic stays free of I/O (see ARCHITECTURE.md).
 
+pub mod actions;
 pub mod config;
 pub mod detect;
 pub mod doctor;

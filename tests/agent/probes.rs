@@ -16,8 +16,9 @@ use std::{
 
 use interlock_agent::probes::{
     ConnectFailureRecord, ExitStatus, FlowRecord, ProbeOptions, ProbeSet, ProcessEvents,
-    ProcessRecord, TcpStateRecord, monotonic_now_ns,
+    ProcessRecord, TcpCloseRecord, TcpStateRecord, detect_cgroup2_root, monotonic_now_ns,
 };
+use interlock_agent_common::tcp_state;
 use interlock_tests::require_root;
 
 const SIGKILL: i32 = 9;
@@ -555,4 +556,163 @@ fn a_tiny_ring_accounts_for_every_event_as_received_or_dropped() {
         run_count,
         "received + dropped (+ not TCP) == every run of the program"
     );
+}
+
+/// This process's cgroup v2 id as `bpf_get_current_cgroup_id` reports it: the inode number of
+/// its directory in the cgroup2 tree (`kernfs` node id, `kernel/cgroup/cgroup.c`).
+fn own_cgroup2_id() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let text = fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line (0::) in /proc/self/cgroup");
+    let root = detect_cgroup2_root().expect("a cgroup2 mount");
+    let dir = root.join(path.trim_start_matches('/'));
+    fs::metadata(&dir)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", dir.display()))
+        .ino()
+}
+
+/// The test 1: one loopback connection between two named threads of this process.
+/// The client sends 100,000 bytes, the server answers 2,345 and closes first. The lifecycle
+/// events name the right process, thread name, cgroup and ports, and each side's close record
+/// carries exactly what that side sent and received.
+#[test]
+fn a_loopback_connection_reports_its_lifecycle_and_its_bytes_on_close() {
+    const UP: usize = 100_000;
+    const DOWN: usize = 2_345;
+    require_root("loading the TCP probes and attaching to the cgroup v2 root");
+    let mut set = ProbeSet::load(&ProbeOptions {
+        tcp_state: true,
+        tcp_close: true,
+        ..ProbeOptions::none()
+    })
+    .expect("load tcp_state and tcp_close");
+    assert!(set.programs().contains(&"tcp_close"));
+    let mut events = set.take_tcp_events().expect("tcp events");
+    let mut closes = set.take_tcp_closes().expect("tcp closes");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let server_thread = std::thread::Builder::new()
+        .name("il-server".into())
+        .spawn(move || {
+            let (mut conn, peer) = listener.accept().expect("accept");
+            let mut up = vec![0u8; UP];
+            conn.read_exact(&mut up).expect("read the upload");
+            conn.write_all(&[7u8; DOWN]).expect("send the answer");
+            drop(conn);
+            peer
+        })
+        .expect("spawn the server thread");
+    let client_thread = std::thread::Builder::new()
+        .name("il-client".into())
+        .spawn(move || {
+            let mut conn = TcpStream::connect(server).expect("connect");
+            let local = conn.local_addr().unwrap();
+            conn.write_all(&[1u8; UP]).expect("send the upload");
+            let mut down = Vec::new();
+            conn.read_to_end(&mut down).expect("read the answer to EOF");
+            assert_eq!(down.len(), DOWN);
+            drop(conn);
+            local
+        })
+        .expect("spawn the client thread");
+    let client = client_thread.join().expect("client thread");
+    let peer = server_thread.join().expect("server thread");
+    assert_eq!(peer, client);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen: Vec<TcpStateRecord> = Vec::new();
+    let mut closed: Vec<TcpCloseRecord> = Vec::new();
+    let (client_close, server_close) = loop {
+        events.drain(&mut seen);
+        closes.drain(&mut closed);
+        let client_side = closed
+            .iter()
+            .find(|c| c.local == client && c.remote == server);
+        let server_side = closed
+            .iter()
+            .find(|c| c.local == server && c.remote == client);
+        if let (Some(c), Some(s)) = (client_side, server_side) {
+            break (c.clone(), s.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no close record for both ends of {client} -> {server} within 5 s; saw {closed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    events.drain(&mut seen);
+    eprintln!("client close: {client_close:?}");
+    eprintln!("server close: {server_close:?}");
+
+    // Lifecycle events: the connect, in the client thread's context.
+    let syn = seen
+        .iter()
+        .find(|r| r.new_state == tcp_state::SYN_SENT && r.remote == server)
+        .unwrap_or_else(|| panic!("no SYN_SENT to {server}"));
+    assert_eq!(syn.pid, std::process::id());
+    assert_eq!(syn.comm, "il-client");
+    let cgroup = own_cgroup2_id();
+    assert_eq!(syn.cgroup_id, cgroup);
+    // ESTABLISHED of the active open names the connecting thread, whoever ran the SYN-ACK.
+    let est = seen
+        .iter()
+        .find(|r| {
+            r.socket == syn.socket
+                && r.old_state == tcp_state::SYN_SENT
+                && r.new_state == tcp_state::ESTABLISHED
+        })
+        .unwrap_or_else(|| panic!("no SYN_SENT -> ESTABLISHED for {client}"));
+    assert_eq!((est.local, est.remote), (client, server));
+    assert_eq!(est.pid, std::process::id());
+    assert_eq!(est.comm, "il-client");
+    assert_eq!(est.cgroup_id, cgroup);
+    // The accepted side, with the ports swapped.
+    assert!(
+        seen.iter().any(|r| r.new_state == tcp_state::ESTABLISHED
+            && r.local == server
+            && r.remote == client),
+        "no ESTABLISHED for the accepted socket {server} <- {client}"
+    );
+
+    // Close records. The kernel counts sequence space (see `TcpCloseEvent`): with both FINs
+    // exchanged and acknowledged, received = payload + the peer's FIN on both sides, and
+    // acked = payload + our FIN, plus our SYN on the connecting side only (the accepted
+    // socket is created after the handshake, its SYN-ACK already acknowledged).
+    let (up, down) = (UP as u64, DOWN as u64);
+    assert!(client_close.active_open);
+    assert_eq!(
+        client_close.bytes_acked,
+        up + 2,
+        "client: upload + SYN + FIN acked"
+    );
+    assert_eq!(
+        client_close.bytes_received,
+        down + 1,
+        "client: answer + FIN"
+    );
+    assert!(!server_close.active_open);
+    assert_eq!(
+        server_close.bytes_acked,
+        down + 1,
+        "server: answer + FIN acked"
+    );
+    assert_eq!(server_close.bytes_received, up + 1, "server: upload + FIN");
+    for close in [&client_close, &server_close] {
+        assert!(close.srtt > Duration::ZERO, "an RTT was sampled: {close:?}");
+        assert!(
+            close.srtt < Duration::from_secs(1),
+            "loopback RTT: {close:?}"
+        );
+        assert!(close.duration > Duration::ZERO, "{close:?}");
+        assert!(close.duration < Duration::from_secs(5), "{close:?}");
+        assert_eq!(close.total_retrans, 0, "{close:?}");
+    }
+    assert_ne!(client_close.cookie, server_close.cookie);
+    let counters = set.counters().expect("counters");
+    assert_eq!(counters.tcp_closes.dropped, 0);
+    assert!(counters.tcp_closes.sent >= 2);
 }

@@ -18,6 +18,7 @@
 //! | [`ConnectFailures`] | `sock:inet_sock_set_state` (SYN_SENT → CLOSE) | ring `CONNECT_FAILURES`, no wake-up: `drain` on a timer |
 //! | [`FlowStats`] | `tcp:tcp_retransmit_skb`, `tcp:tcp_send_reset`, `tcp:tcp_receive_reset` | LRU per-CPU hash `TCP_FLOWS`: `read` or `drain` on a timer |
 //! | [`TcpEvents`] | `sock:inet_sock_set_state` (every transition) | ring `TCP_EVENTS`, no wake-up: `drain` on a timer |
+//! | [`TcpCloses`] | `sock_ops` on the cgroup v2 root (established → state callback at `TCP_CLOSE`) | ring `TCP_CLOSES`, no wake-up: `drain` on a timer |
 //!
 //! The programs stay attached as long as the [`ProbeSet`] lives (or until
 //! [`ProbeSet::detach`]); the handles keep their maps, so what was queued can still be drained
@@ -27,6 +28,7 @@
 //! only the TCP lifecycle program and its [`TcpEvents`].
 
 mod btf;
+mod close;
 mod connect;
 mod flows;
 mod process;
@@ -36,6 +38,7 @@ mod tracefs;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+pub use close::{TcpCloseRecord, TcpCloses, detect_cgroup2_root};
 pub use connect::{ConnectFailureRecord, ConnectFailures};
 pub use flows::{FlowRecord, FlowStats};
 use interlock_agent_common::AF_INET6;
@@ -66,6 +69,8 @@ pub enum ProbeError {
     },
     #[error("kernel BTF: {0}")]
     Btf(String),
+    #[error("cgroup v2 root for the sock_ops program: {0}")]
+    Cgroup(String),
     #[error("{0} was not selected in ProbeOptions or was already taken from the probe set")]
     NotSelected(&'static str),
     #[error("eBPF: {0}")]

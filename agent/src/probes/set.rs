@@ -1,13 +1,13 @@
 //! [`ProbeSet`]: one loaded copy of the eBPF object, with the selected programs attached.
 
-use std::{os::fd::OwnedFd, time::Duration};
+use std::{fs::File, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        BtfTracePoint, Program, TracePoint, tp_btf::BtfTracePointLinkId,
-        trace_point::TracePointLinkId,
+        BtfTracePoint, CgroupAttachMode, Program, SockOps, TracePoint, sock_ops::SockOpsLinkId,
+        tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
     },
 };
 use interlock_agent_common::{
@@ -16,8 +16,9 @@ use interlock_agent_common::{
 };
 
 use super::{
-    ConnectFailures, EBPF_OBJECT, FlowStats, ProbeError, ProcessEvents, TcpEvents,
+    ConnectFailures, EBPF_OBJECT, FlowStats, ProbeError, ProcessEvents, TcpCloses, TcpEvents,
     btf::KernelBtf,
+    detect_cgroup2_root,
     tracefs::{Tracepoint, check_layout},
 };
 
@@ -62,10 +63,17 @@ pub struct ProbeOptions {
     pub process: bool,
     /// `tcp_retransmit`, `tcp_reset_sent`, `tcp_reset_received` ([`FlowStats`]).
     pub flows: bool,
+    /// `tcp_close`, a `sock_ops` program on the cgroup v2 root: closed connections with their
+    /// bytes, RTT and duration ([`TcpCloses`]).
+    pub tcp_close: bool,
+    /// The cgroup v2 directory `tcp_close` attaches to; `None` finds the root from the mount
+    /// table ([`super::detect_cgroup2_root`]). A child cgroup limits it to that subtree.
+    pub tcp_close_cgroup: Option<PathBuf>,
     /// Ring sizes in bytes: each a power of two and a multiple of the page size.
     pub tcp_ring_bytes: u32,
     pub connect_failure_ring_bytes: u32,
     pub process_ring_bytes: u32,
+    pub tcp_close_ring_bytes: u32,
     /// Flows the kernel keeps counters for; the least recently hit are evicted beyond it.
     pub flow_entries: u32,
     /// Turn on the kernel's per-program run statistics (`kernel.bpf_stats_enabled`) for the
@@ -80,9 +88,12 @@ impl Default for ProbeOptions {
             tcp_state: true,
             process: true,
             flows: true,
+            tcp_close: true,
+            tcp_close_cgroup: None,
             tcp_ring_bytes: 256 * 1024,
             connect_failure_ring_bytes: 64 * 1024,
             process_ring_bytes: 64 * 1024,
+            tcp_close_ring_bytes: 256 * 1024,
             flow_entries: 4096,
             run_stats: false,
         }
@@ -96,6 +107,7 @@ impl ProbeOptions {
             tcp_state: false,
             process: false,
             flows: false,
+            tcp_close: false,
             ..Self::default()
         }
     }
@@ -114,6 +126,7 @@ pub struct ProbeCounters {
     pub tcp_events: RingCounts,
     pub connect_failures: RingCounts,
     pub process_events: RingCounts,
+    pub tcp_closes: RingCounts,
     /// `inet_sock_set_state` runs for other protocols than TCP (no event by design).
     pub not_tcp: u64,
     /// Per-socket or per-flow map updates the kernel refused (counts may be low by this much).
@@ -142,6 +155,7 @@ pub struct ProbeSet {
     connect_failures: Option<ConnectFailures>,
     process_events: Option<ProcessEvents>,
     flows: Option<FlowStats>,
+    tcp_closes: Option<TcpCloses>,
     _run_stats: Option<OwnedFd>,
 }
 
@@ -161,9 +175,12 @@ impl ProbeSet {
             tcp_state,
             process,
             flows,
+            tcp_close,
+            ref tcp_close_cgroup,
             tcp_ring_bytes,
             connect_failure_ring_bytes,
             process_ring_bytes,
+            tcp_close_ring_bytes,
             flow_entries,
             run_stats,
         } = *options;
@@ -186,6 +203,23 @@ impl ProbeSet {
             );
         }
         let exit_code_offset = if process { exit_code_offset()? } else { 0 };
+        // Opened before loading so a missing cgroup2 mount is reported as such.
+        let close_cgroup = if tcp_close {
+            let path = match tcp_close_cgroup {
+                Some(path) => path.clone(),
+                None => detect_cgroup2_root()?,
+            };
+            let dir = File::open(&path).map_err(|e| {
+                ProbeError::Cgroup(format!(
+                    "cannot open {}: {e}; set tcp_close_cgroup to a cgroup v2 directory",
+                    path.display()
+                ))
+            })?;
+            tracing::debug!(cgroup = %path.display(), "tcp_close attaches here");
+            Some(dir)
+        } else {
+            None
+        };
 
         let run_stats = if run_stats {
             Some(
@@ -199,6 +233,7 @@ impl ProbeSet {
             .map_max_entries("TCP_EVENTS", tcp_ring_bytes)
             .map_max_entries("CONNECT_FAILURES", connect_failure_ring_bytes)
             .map_max_entries("PROCESS_EVENTS", process_ring_bytes)
+            .map_max_entries("TCP_CLOSES", tcp_close_ring_bytes)
             .map_max_entries("TCP_FLOWS", flow_entries)
             .override_global(
                 task_struct_globals::EXIT_CODE_OFFSET,
@@ -249,6 +284,22 @@ impl ProbeSet {
             }
         }
 
+        if let Some(cgroup) = &close_cgroup {
+            let program: &mut SockOps = program(&mut ebpf, "tcp_close")?
+                .try_into()
+                .map_err(|e| ProbeError::ebpf("tcp_close", e))?;
+            program
+                .load()
+                .map_err(|e| ProbeError::ebpf("verifying tcp_close", e))?;
+            // The default mode: `AllowMultiple` is refused with EINVAL for a link on this
+            // kind of kernel, and links on one cgroup coexist anyway (../shared/TOOLCHAIN.md).
+            let link = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| ProbeError::ebpf("attaching tcp_close", e))?;
+            links.push(AttachedLink::SockOps("tcp_close", link));
+            loaded.push("tcp_close");
+        }
+
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?)
             .map_err(|e| ProbeError::ebpf("COUNTERS", e))?;
         let ring = |ebpf: &mut Ebpf, name: &'static str| -> Result<RingBuf<MapData>, ProbeError> {
@@ -276,6 +327,11 @@ impl ProbeSet {
         } else {
             None
         };
+        let tcp_closes = if tcp_close {
+            Some(TcpCloses::new(ring(&mut ebpf, "TCP_CLOSES")?))
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             loaded,
@@ -285,6 +341,7 @@ impl ProbeSet {
             connect_failures,
             process_events,
             flows,
+            tcp_closes,
             _run_stats: run_stats,
         })
     }
@@ -317,6 +374,13 @@ impl ProbeSet {
             .ok_or(ProbeError::NotSelected("flows (FlowStats)"))
     }
 
+    /// Closed TCP connections with their totals (needs `tcp_close`).
+    pub fn take_tcp_closes(&mut self) -> Result<TcpCloses, ProbeError> {
+        self.tcp_closes
+            .take()
+            .ok_or(ProbeError::NotSelected("tcp_close (TcpCloses)"))
+    }
+
     /// Names of the loaded programs (attached unless [`ProbeSet::detach`] ran).
     pub fn programs(&self) -> &[&'static str] {
         &self.loaded
@@ -335,6 +399,12 @@ impl ProbeSet {
                 }
                 AttachedLink::BtfTracePoint(name, id) => {
                     let program: &mut BtfTracePoint = program(&mut self.ebpf, name)?
+                        .try_into()
+                        .map_err(|e| ProbeError::ebpf(name, e))?;
+                    program.detach(id).map_err(|e| ProbeError::ebpf(name, e))?;
+                }
+                AttachedLink::SockOps(name, id) => {
+                    let program: &mut SockOps = program(&mut self.ebpf, name)?
                         .try_into()
                         .map_err(|e| ProbeError::ebpf(name, e))?;
                     program.detach(id).map_err(|e| ProbeError::ebpf(name, e))?;
@@ -366,6 +436,7 @@ impl ProbeSet {
                 counter::CONNECT_FAILURES_DROPPED,
             )?,
             process_events: ring(counter::PROCESS_SENT, counter::PROCESS_DROPPED)?,
+            tcp_closes: ring(counter::TCP_CLOSES_SENT, counter::TCP_CLOSES_DROPPED)?,
             not_tcp: sum(counter::NOT_TCP)?,
             map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
         })
@@ -397,6 +468,7 @@ impl ProbeSet {
 enum AttachedLink {
     TracePoint(&'static str, TracePointLinkId),
     BtfTracePoint(&'static str, BtfTracePointLinkId),
+    SockOps(&'static str, SockOpsLinkId),
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Program, ProbeError> {

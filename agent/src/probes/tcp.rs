@@ -32,9 +32,12 @@ pub struct TcpStateRecord {
     pub ts_ns: u64,
     /// Kernel address of the socket; stable for the socket's lifetime.
     pub socket: u64,
-    /// The process (thread group) that was running; see `TcpStateEvent` for when it is right.
+    /// The process (thread group) that was running, or for `SYN_SENT -> ESTABLISHED` /
+    /// `SYN_SENT -> CLOSE` the one that connected; see `TcpStateEvent` for when it is right.
     pub pid: u32,
     pub comm: String,
+    /// The task's cgroup v2 id (as `pid`); 1 is the root.
+    pub cgroup_id: u64,
     pub old_state: i32,
     pub new_state: i32,
     pub local: SocketAddr,
@@ -46,6 +49,7 @@ impl From<&TcpStateEvent> for TcpStateRecord {
         let TcpStateEvent {
             ts_ns,
             skaddr,
+            cgroup_id,
             tgid,
             tid: _,
             oldstate,
@@ -63,6 +67,7 @@ impl From<&TcpStateEvent> for TcpStateRecord {
             socket: skaddr,
             pid: tgid,
             comm: comm_string(&comm),
+            cgroup_id,
             old_state: oldstate,
             new_state: newstate,
             local: socket_addr(family, saddr, sport),
@@ -142,6 +147,7 @@ mod tests {
         let event = TcpStateEvent {
             ts_ns: 5,
             skaddr: 0xffff_0000,
+            cgroup_id: 1,
             tgid: 42,
             tid: 43,
             oldstate: 7,
