@@ -285,7 +285,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Benchmarks, each a release binary of the tests package that starts what it measures.
-const BENCHES: [&str; 2] = ["coordinator", "agent"];
+const BENCHES: [&str; 3] = ["coordinator", "agent", "detectors"];
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     let name = match args.first().map(String::as_str) {
