@@ -171,6 +171,15 @@ pub struct ProcessEvent {
 // SAFETY: `repr(C)`, `Copy`, integers and byte arrays only, explicit padding (size test below).
 unsafe impl aya::Pod for ProcessEvent {}
 
+/// Names of the globals through which the agent configures the `tcp_state` program.
+pub mod tcp_state_globals {
+    /// Bit `1 << newstate` set: the `tcp_state` program queues transitions into that state to
+    /// `TCP_EVENTS`. All bits by default; the agent asks only for the states it uses, so the
+    /// ring carries a fraction of the transitions. Failed-connect tracking sees every
+    /// transition whatever the mask.
+    pub const STATE_MASK: &str = "TCP_STATE_MASK";
+}
+
 /// Names of the globals through which the agent passes `task_struct` offsets, computed from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`), to the exit program, which reads the field
 /// with `bpf_probe_read_kernel`: Rust eBPF objects carry no CO-RE relocations. pid, tgid and

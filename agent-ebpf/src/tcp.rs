@@ -88,6 +88,11 @@ fn addr16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
     out
 }
 
+/// Which new states are queued to `TCP_EVENTS`, as `1 << state` bits; set by the loader
+/// (`interlock_agent_common::tcp_state_globals::STATE_MASK`), every state by default.
+#[unsafe(no_mangle)]
+static TCP_STATE_MASK: u32 = u32::MAX;
+
 fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
     let protocol: u16 = field(ctx, PROTOCOL);
     if protocol != IPPROTO_TCP {
@@ -161,6 +166,16 @@ fn try_tcp_state(ctx: &TracePointContext) -> Result<u32, u32> {
         let _ = CONNECTING.remove(skaddr);
     }
 
+    // Only the transitions user space asked for go to the ring (see `tcp_state_globals`).
+    // SAFETY: a plain read of a global the loader may have set; never written here.
+    let mask = unsafe { core::ptr::read_volatile(&TCP_STATE_MASK) };
+    let bit = u32::try_from(newstate)
+        .ok()
+        .and_then(|s| 1u32.checked_shl(s))
+        .unwrap_or(0);
+    if mask & bit == 0 {
+        return Ok(0);
+    }
     let Some(mut entry) = TCP_EVENTS.reserve::<TcpStateEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
         return Err(1);

@@ -243,6 +243,9 @@ impl FlowProbes {
         };
         match ProbeSet::load(&ProbeOptions {
             tcp_state: true,
+            // The table uses connects (SYN_SENT) and establishments: the ring carries only
+            // those, a fraction of every connection's transitions.
+            tcp_state_mask: (1 << tcp_state::SYN_SENT) | (1 << tcp_state::ESTABLISHED),
             ..ProbeOptions::none()
         }) {
             Ok(mut set) => {

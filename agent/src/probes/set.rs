@@ -12,7 +12,7 @@ use aya::{
 };
 use interlock_agent_common::{
     counter, inet_sock_set_state, mark_victim, task_struct_globals, tcp_receive_reset,
-    tcp_retransmit_skb, tcp_send_reset,
+    tcp_retransmit_skb, tcp_send_reset, tcp_state_globals,
 };
 
 use super::{
@@ -69,6 +69,10 @@ pub struct ProbeOptions {
     /// The cgroup v2 directory `tcp_close` attaches to; `None` finds the root from the mount
     /// table ([`super::detect_cgroup2_root`]). A child cgroup limits it to that subtree.
     pub tcp_close_cgroup: Option<PathBuf>,
+    /// The new TCP states whose transitions go to [`TcpEvents`], as `1 << state` bits
+    /// (`interlock_agent_common::tcp_state`); all by default. Failed connects are tracked
+    /// whatever the mask.
+    pub tcp_state_mask: u32,
     /// Ring sizes in bytes: each a power of two and a multiple of the page size.
     pub tcp_ring_bytes: u32,
     pub connect_failure_ring_bytes: u32,
@@ -90,6 +94,7 @@ impl Default for ProbeOptions {
             flows: true,
             tcp_close: true,
             tcp_close_cgroup: None,
+            tcp_state_mask: u32::MAX,
             tcp_ring_bytes: 256 * 1024,
             connect_failure_ring_bytes: 64 * 1024,
             process_ring_bytes: 64 * 1024,
@@ -177,6 +182,7 @@ impl ProbeSet {
             flows,
             tcp_close,
             ref tcp_close_cgroup,
+            tcp_state_mask,
             tcp_ring_bytes,
             connect_failure_ring_bytes,
             process_ring_bytes,
@@ -240,6 +246,7 @@ impl ProbeSet {
                 &exit_code_offset,
                 true,
             )
+            .override_global(tcp_state_globals::STATE_MASK, &tcp_state_mask, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::ebpf("loading the eBPF object", e))?;
 
