@@ -9,7 +9,7 @@
 
 use crate::finding::{Finding, Millis};
 
-use super::trend::{Sustained, Window};
+use super::trend::{FitWindow, Sustained, Window, check_fit};
 use super::{ConfigErrors, Latch, Problems, secs};
 
 /// The finding's detector name.
@@ -63,29 +63,21 @@ impl Config {
     /// Lists every problem at once.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut p = Problems::default();
-        p.positive_ms(self.window_ms, "window_ms");
-        p.check(
-            self.min_span_ms > 0 && self.min_span_ms <= self.window_ms,
-            "min_span_ms",
-            format!(
-                "must be greater than 0 and at most window_ms ({}), got {}",
-                self.window_ms, self.min_span_ms
-            ),
+        check_fit(
+            &mut p,
+            FitWindow {
+                window_ms: self.window_ms,
+                min_span_ms: self.min_span_ms,
+                min_samples: self.min_samples,
+                horizon_ms: self.horizon_ms,
+            },
+            &self.sustained(),
         );
-        p.check(
-            self.min_samples >= 6,
-            "min_samples",
-            "must be at least 6 (each half of the window is fitted)",
-        );
-        p.positive_ms(self.horizon_ms, "horizon_ms");
         p.check(
             self.full_ratio.is_finite() && self.full_ratio > 0.0 && self.full_ratio <= 1.0,
             "full_ratio",
             format!("must be in (0, 1], got {}", self.full_ratio),
         );
-        p.range(self.r2_min, "r2_min", 0.0, 1.0);
-        p.range(self.half_slope_min, "half_slope_min", 0.0, 1.0);
-        p.range(self.near_max, "near_max", 0.0, 1.0);
         p.finish()
     }
 
@@ -313,6 +305,6 @@ mod tests {
             .iter()
             .map(|e| e.field)
             .collect();
-        assert_eq!(fields, ["min_span_ms", "full_ratio", "r2_min"]);
+        assert_eq!(fields, ["min_span_ms", "r2_min", "full_ratio"]);
     }
 }

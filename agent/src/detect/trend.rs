@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 
 use crate::finding::Millis;
 
+use super::Problems;
+
 /// A straight-line fit `value ≈ intercept + slope_per_s * (t - t0)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Fit {
@@ -206,4 +208,39 @@ mod tests {
         }
         assert_eq!(w.len(), 2);
     }
+}
+
+/// The window settings every trend detector (disk forecast, memory leak) takes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FitWindow {
+    pub window_ms: Millis,
+    pub min_span_ms: Millis,
+    pub min_samples: u32,
+    pub horizon_ms: Millis,
+}
+
+/// Checks the settings trend detectors share, adding every problem to `p` under the field
+/// names the detectors' configs use.
+pub(crate) fn check_fit(p: &mut Problems, window: FitWindow, sustained: &Sustained) {
+    let FitWindow {
+        window_ms,
+        min_span_ms,
+        min_samples,
+        horizon_ms,
+    } = window;
+    p.positive_ms(window_ms, "window_ms");
+    p.check(
+        min_span_ms > 0 && min_span_ms <= window_ms,
+        "min_span_ms",
+        format!("must be greater than 0 and at most window_ms ({window_ms}), got {min_span_ms}"),
+    );
+    p.check(
+        min_samples >= 6,
+        "min_samples",
+        "must be at least 6 (each half of the window is fitted)",
+    );
+    p.positive_ms(horizon_ms, "horizon_ms");
+    p.range(sustained.r2_min, "r2_min", 0.0, 1.0);
+    p.range(sustained.half_slope_min, "half_slope_min", 0.0, 1.0);
+    p.range(sustained.near_max, "near_max", 0.0, 1.0);
 }
