@@ -5,4 +5,5 @@ mod cleanup;
 mod findings;
 mod pressure;
 mod probes;
+mod restart;
 mod runtime;

@@ -1,0 +1,168 @@
+//! `process_restart` against real processes: a supervised python TCP server restarted and
+//! health-checked, a process that ignores SIGTERM killed after the grace, and a restart that
+//! `continue_ok` stops between stop and start. Every process here is started by the test's
+//! `Supervisor` and ended by it (through its pidfd) when it drops.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use interlock_agent::actions::restart::{
+    HostRestart, Interrupted, RawArgv, RawRestart, RawRestartTarget, RestartExecutor as _,
+    RestartTarget, Stopped, Systemctl,
+};
+
+/// Signal numbers on Linux (this crate does not depend on libc).
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+/// A TCP server on the port given as argv[1]; with `ignore` as argv[2] it ignores SIGTERM
+/// (set before it listens, so once the port accepts, the signal is ignored).
+const SERVER: &str = r"
+import signal, socket, sys
+if len(sys.argv) > 2 and sys.argv[2] == 'ignore':
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1])))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.close()
+";
+
+/// The real python3 binary (not a shell-script shim): no shell is ever invoked.
+fn python3() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is installed");
+    let path = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned();
+    assert!(Path::new(&path).is_absolute(), "{path}");
+    path
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn target(argv: Vec<String>, port: u16, grace: &str) -> RestartTarget {
+    let raw = RawRestart {
+        target: vec![RawRestartTarget {
+            name: Some("demo".into()),
+            argv: Some(RawArgv::List(argv)),
+            grace: Some(grace.into()),
+            tcp: Some(format!("127.0.0.1:{port}")),
+            health_window: Some("10s".into()),
+            ..RawRestartTarget::default()
+        }],
+    };
+    let config = raw.validate("restart").expect("valid config");
+    config.target("demo").expect("allow-listed").clone()
+}
+
+fn server(port: u16, ignore_term: bool, grace: &str) -> RestartTarget {
+    let mut argv = vec![python3(), "-c".into(), SERVER.into(), port.to_string()];
+    if ignore_term {
+        argv.push("ignore".into());
+    }
+    target(argv, port, grace)
+}
+
+/// Waits (bounded) until the port accepts.
+fn wait_listening(port: u16) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("port {port} never accepted");
+}
+
+/// Whether a pid names no process (the test reaped it, so a live pid here would be a reuse).
+fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn supervised_server_is_restarted_and_healthy() {
+    let port = free_port();
+    let target = server(port, false, "5s");
+    let mut host = HostRestart::new(Systemctl);
+    let old = host.supervisor.start(&target).expect("start");
+    wait_listening(port);
+
+    let report = host.restart(&target, &mut || true).expect("restart");
+    eprintln!("restart report: {report:?}");
+    assert_eq!(report.stopped, Some(Stopped::Signalled));
+    assert_eq!(report.old_exit.and_then(|s| s.signal()), Some(SIGTERM));
+    assert!(gone(old), "old pid {old} still exists");
+    let new = report.new_pid.expect("new pid");
+    assert_ne!(new, old);
+    assert_eq!(host.supervisor.pid("demo"), Some(new));
+    assert!(report.healthy, "{report:?}");
+    assert!(report.interrupted.is_none());
+    let to_start = report.stop_to_start.expect("stop to start");
+    let to_healthy = report.stop_to_healthy.expect("stop to healthy");
+    assert!(to_start <= to_healthy);
+    eprintln!("stop→start {to_start:?}, stop→healthy {to_healthy:?}");
+    TcpStream::connect(("127.0.0.1", port)).expect("new instance listens");
+}
+
+#[test]
+fn process_ignoring_sigterm_is_killed_after_grace() {
+    let port = free_port();
+    let target = server(port, true, "300ms");
+    let mut host = HostRestart::new(Systemctl);
+    let old = host.supervisor.start(&target).expect("start");
+    wait_listening(port);
+
+    let mut asked = 0;
+    let report = host
+        .restart(&target, &mut || {
+            asked += 1;
+            true
+        })
+        .expect("restart");
+    eprintln!("restart report: {report:?}");
+    assert_eq!(report.stopped, Some(Stopped::Killed));
+    assert_eq!(report.old_exit.and_then(|s| s.signal()), Some(SIGKILL));
+    assert!(gone(old), "old pid {old} still exists");
+    assert!(report.stop_to_start.expect("started") >= Duration::from_millis(300));
+    assert!(report.healthy, "{report:?}");
+    // Stop, kill, start, then at least one health poll.
+    assert!(asked >= 4, "continue_ok asked {asked} times");
+}
+
+#[test]
+fn refusal_after_stop_keeps_the_process_down() {
+    let port = free_port();
+    let target = target(vec!["/bin/sleep".into(), "600".into()], port, "5s");
+    let mut host = HostRestart::new(Systemctl);
+    let old = host.supervisor.start(&target).expect("start");
+
+    let mut asked = 0;
+    let report = host
+        .restart(&target, &mut || {
+            asked += 1;
+            asked == 1
+        })
+        .expect("restart");
+    eprintln!("restart report: {report:?}");
+    assert_eq!(report.stopped, Some(Stopped::Signalled));
+    assert_eq!(report.interrupted, Some(Interrupted::Start));
+    assert!(!report.started && !report.healthy);
+    assert_eq!(report.new_pid, None);
+    assert_eq!(host.supervisor.pid("demo"), None);
+    assert!(gone(old), "old pid {old} still exists");
+    assert_eq!(asked, 2, "asked before the stop and before the start");
+}
