@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::actions::cleanup::{CleanupConfig, CleanupProblems, RawCleanup};
+use crate::actions::restart::{RawRestart, RestartConfig, RestartProblems, TargetKind};
 use crate::detect::{ConfigErrors, baseline, crashloop, forecast, leak, oomkill, threshold};
 use crate::finding::Millis;
 
@@ -40,6 +42,23 @@ pub struct RawConfig {
     #[serde(default)]
     pub intervals: RawIntervals,
     pub log_format: Option<String>,
+    pub actions: Option<RawActions>,
+    pub cleanup: Option<RawCleanup>,
+    pub restart: Option<RawRestart>,
+}
+
+/// `[actions]`: how the agent runs green actions under leases.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActions {
+    /// The fsynced action journal (absolute path; its directory is created).
+    pub journal: Option<PathBuf>,
+    /// Act only while more than this is left on the lease (default 1s).
+    pub lease_margin: Option<String>,
+    /// No new action on a target for this long after one (default 1m); per-target settings win.
+    pub cooldown: Option<String>,
+    /// After a denial or an unreachable coordinator, ask again after this (default 2s).
+    pub retry: Option<String>,
 }
 
 /// How often each kind of reading is taken.
@@ -207,7 +226,25 @@ pub struct AgentConfig {
     pub detectors: DetectorConfigs,
     pub intervals: Intervals,
     pub log_format: LogFormat,
+    /// Green actions; `None` when neither `[cleanup]` nor `[restart]` is configured (the agent
+    /// then only observes).
+    pub actions: Option<ActionsConfig>,
 }
+
+/// Validated `[actions]`, `[cleanup]` and `[restart]`.
+#[derive(Clone, Debug)]
+pub struct ActionsConfig {
+    pub journal: PathBuf,
+    pub lease_margin: Duration,
+    pub cooldown: Duration,
+    pub retry: Duration,
+    pub cleanup: Option<CleanupConfig>,
+    pub restart: Option<RestartConfig>,
+}
+
+const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(1);
+const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
+const DEFAULT_RETRY: Duration = Duration::from_secs(2);
 
 /// How often each reading is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +292,8 @@ pub enum ProcessLocator {
     Comm(String),
     /// Exact match of `/proc/<pid>/cmdline` with NULs read as spaces.
     Cmdline(String),
+    /// An argv restart target the agent starts itself: its pid is the agent's child's.
+    Supervised(String),
 }
 
 /// Settings of every detector, as the pure detectors take them.
@@ -426,6 +465,9 @@ impl RawConfig {
             detectors,
             intervals,
             log_format,
+            actions,
+            cleanup,
+            restart,
         } = self;
         let mut p = Problems::default();
 
@@ -564,6 +606,8 @@ impl RawConfig {
             }
         };
 
+        let actions = validate_actions(&mut p, actions, cleanup, restart, &mut processes);
+
         if !p.0.is_empty() {
             return Err(p.0);
         }
@@ -578,8 +622,108 @@ impl RawConfig {
             detectors,
             intervals,
             log_format,
+            actions,
         })
     }
+}
+
+/// `[actions]`, `[cleanup]`, `[restart]`: every restart target must be watchable (a unit needs
+/// a `[[watch.process]]` of its name; an argv target without one is watched as the agent's own
+/// child), and a journal is required as soon as any action is configured.
+fn validate_actions(
+    p: &mut Problems,
+    actions: Option<RawActions>,
+    cleanup: Option<RawCleanup>,
+    restart: Option<RawRestart>,
+    processes: &mut Vec<WatchedProcess>,
+) -> Option<ActionsConfig> {
+    let cleanup = cleanup.and_then(|c| match c.validate("cleanup") {
+        Ok(c) => Some(c),
+        Err(CleanupProblems(problems)) => {
+            for e in problems {
+                p.add(e.path, e.problem);
+            }
+            None
+        }
+    });
+    let restart = restart.and_then(|r| match r.validate("restart") {
+        Ok(r) => Some(r),
+        Err(RestartProblems(problems)) => {
+            for e in problems {
+                p.add(e.path, e.problem);
+            }
+            None
+        }
+    });
+    if let Some(r) = &restart {
+        for (i, t) in r.targets().iter().enumerate() {
+            if processes.iter().any(|w| w.name == t.name()) {
+                continue;
+            }
+            match t.kind() {
+                TargetKind::Supervised(_) => processes.push(WatchedProcess {
+                    name: t.name().to_owned(),
+                    locator: ProcessLocator::Supervised(t.name().to_owned()),
+                    memory_limit: None,
+                }),
+                TargetKind::Unit(unit) => p.add(
+                    format!("restart.target[{i}]"),
+                    format!(
+                        "the unit {} is not watched, so its crashes cannot be seen; add a \
+                         [[watch.process]] named {:?} (pidfile, comm or cmdline)",
+                        unit.as_str(),
+                        t.name()
+                    ),
+                ),
+            }
+        }
+    }
+    let raw = actions.unwrap_or_default();
+    let lease_margin = p.duration(
+        "actions.lease_margin",
+        raw.lease_margin.as_ref(),
+        DEFAULT_LEASE_MARGIN,
+    );
+    if lease_margin.is_zero() {
+        p.add(
+            "actions.lease_margin",
+            "must be above 0: the agent stops acting this long before its lease runs out",
+        );
+    }
+    let cooldown = p.duration("actions.cooldown", raw.cooldown.as_ref(), DEFAULT_COOLDOWN);
+    let retry = p.duration("actions.retry", raw.retry.as_ref(), DEFAULT_RETRY);
+    if retry < Duration::from_millis(100) {
+        p.add("actions.retry", "must be at least 100ms");
+    }
+    if cleanup.is_none() && restart.is_none() {
+        return None;
+    }
+    let journal = match raw.journal {
+        None => {
+            p.add(
+                "actions.journal",
+                "missing; [cleanup] or [restart] needs a journal file, e.g. \
+                 journal = \"/var/lib/interlock/actions.journal\"",
+            );
+            PathBuf::new()
+        }
+        Some(j) if !j.is_absolute() || j.parent().is_none_or(|d| d.as_os_str().is_empty()) => {
+            p.add(
+                "actions.journal",
+                format!("{} must be an absolute file path", j.display()),
+            );
+            j
+        }
+        Some(j) => j,
+    };
+    Some(ActionsConfig {
+        journal,
+        lease_margin,
+        cooldown,
+        retry,
+        cleanup,
+        restart,
+    })
 }
 
 fn validate_intervals(p: &mut Problems, raw: &RawIntervals) -> Intervals {

@@ -3,6 +3,7 @@
 //! - `probes`: kernel probes (the only module that imports `aya`).
 //! - `pressure`: PSI, memory, disk and cgroup readers (procfs/sysfs).
 //! - `detect`: pure detectors (data and `now` in, findings out).
+//! - `demo`: the demo service (`interlock-agent demo-service`) the quickstart and tests restart.
 //! - `finding`: the finding type shared by detectors, reporting and actions.
 //! - `config`, `run`, `report`, `metrics`, `doctor`, `flows`: the runtime around them (the
 //!   `agent.toml` file, the observing loop, the coordinator link, the Prometheus endpoint, the
@@ -10,8 +11,10 @@
 //!
 //! Decision logic stays free of I/O (see ARCHITECTURE.md).
 
+pub mod act;
 pub mod actions;
 pub mod config;
+pub mod demo;
 pub mod detect;
 pub mod doctor;
 pub mod finding;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use interlock_agent::config::{self, LogFormat};
-use interlock_agent::{doctor, flows, run};
+use interlock_agent::{demo, doctor, flows, run};
 
 #[derive(Parser)]
 #[command(name = "interlock-agent", version, about = "Interlock host agent")]
@@ -52,6 +52,21 @@ enum Command {
         /// Stop after this many refreshes.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// A tiny HTTP service to watch and restart (quickstart, tests, benchmarks): GET /healthz
+    /// answers 200 once ready, GET /crash makes it exit with status 1.
+    DemoService {
+        #[arg(long, default_value = "127.0.0.1:7410")]
+        listen: std::net::SocketAddr,
+        /// How long after start /healthz starts answering 200.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        ready_after: Duration,
+        /// Exit with status 1 this long after start (a flapping process).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        crash_after: Option<Duration>,
+        /// Append "pid unix_ms" to this file at every start.
+        #[arg(long)]
+        starts: Option<PathBuf>,
     },
 }
 
@@ -137,6 +152,24 @@ async fn main() -> anyhow::Result<ExitCode> {
             };
             flows::watch(interval, count, format, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoService {
+            listen,
+            ready_after,
+            crash_after,
+            starts,
+        } => {
+            let options = demo::DemoOptions {
+                listen,
+                ready_after,
+                crash_after,
+                starts,
+            };
+            let code = tokio::task::spawn_blocking(move || demo::serve(&options))
+                .await
+                .context("demo service task")?
+                .with_context(|| format!("demo service on {listen}"))?;
+            Ok(ExitCode::from(code))
         }
     }
 }

@@ -43,6 +43,7 @@ pub const OBSERVING_ONLY: &str = "interlock_agent_observing_only";
 /// Calls to the coordinator, by kind (`register`, `heartbeat`, `findings`, `flows`) and result
 /// (`ok`, `failed`).
 pub const REPORTS_TOTAL: &str = "interlock_agent_reports_total";
+pub const ACTIONS_TOTAL: &str = "interlock_agent_actions_total";
 
 /// The content type of [`AgentMetrics::render`].
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -80,6 +81,12 @@ struct ReportLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    class: String,
+    stage: String,
+}
+
 /// `prometheus-client` appends `_total` to counter names itself.
 fn counter_family_name(name: &'static str) -> &'static str {
     name.strip_suffix("_total").unwrap_or(name)
@@ -95,6 +102,7 @@ struct Metrics {
     link: Family<StateLabels, Gauge>,
     observing_only: Gauge,
     reports: Family<ReportLabels, Counter>,
+    actions: Family<ActionLabels, Counter>,
     /// Last cumulative kernel drop count per ring, to turn totals into increments.
     drops_seen: Mutex<BTreeMap<String, u64>>,
 }
@@ -132,6 +140,7 @@ impl AgentMetrics {
             link: Family::default(),
             observing_only: Gauge::default(),
             reports: Family::default(),
+            actions: Family::default(),
             drops_seen: Mutex::new(BTreeMap::new()),
         };
         registry.register(
@@ -173,6 +182,13 @@ impl AgentMetrics {
             counter_family_name(REPORTS_TOTAL),
             "Calls to the coordinator, by kind and result",
             m.reports.clone(),
+        );
+        registry.register(
+            counter_family_name(ACTIONS_TOTAL),
+            "Action proposals by class and stage: what the coordinator answered (granted, denied, \
+             pending, observed, unreachable) and how actions ended (success, failed, \
+             verification_failed, abandoned, interrupted)",
+            m.actions.clone(),
         );
         for state in LINK_STATES {
             m.link
@@ -293,6 +309,17 @@ impl AgentMetrics {
             .get_or_create(&ReportLabels {
                 kind: kind.to_owned(),
                 result: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An action of `class` reached `stage` (the caller logs it with its details).
+    pub fn action(&self, class: &str, stage: &str) {
+        self.inner
+            .actions
+            .get_or_create(&ActionLabels {
+                class: class.to_owned(),
+                stage: stage.to_owned(),
             })
             .inc();
     }

@@ -282,7 +282,7 @@ fn classify(url: &str, status: &Status) -> CallError {
 }
 
 /// The configured coordinator replicas, with the one that last answered tried first.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Replicas {
     urls: Vec<String>,
     preferred: Option<(String, Channel)>,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use interlock_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 
+use crate::act::{ActorSettings, Shared, actor_task};
 use crate::config::{AgentConfig, ProcessLocator, WatchedProcess};
 use crate::detect::ConfigErrors;
 use crate::detect::baseline::RollingBaseline;
@@ -62,6 +63,8 @@ pub enum RunError {
     Pressure(#[from] crate::pressure::PressureError),
     #[error("detector settings: {0}")]
     Detector(#[from] ConfigErrors),
+    #[error("{0}")]
+    Journal(#[from] crate::actions::journal::JournalError),
 }
 
 /// Runs the agent until `shutdown` completes; returns once every task stopped.
@@ -83,7 +86,14 @@ pub async fn run(
         "agent starting"
     );
     let pressure = HostPressure::detect()?;
-    let mut observer = Observer::new(&config, metrics.clone())?;
+    // Opened before anything runs: a journal that cannot be read stops the agent with what to
+    // do, rather than risk re-running an action.
+    let journal = match &config.actions {
+        Some(actions) => Some(crate::act::open_journal(actions)?),
+        None => None,
+    };
+    let shared = Shared::default();
+    let mut observer = Observer::new(&config, metrics.clone(), shared.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -111,9 +121,38 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    let actor = match (config.actions.clone(), journal) {
+        (Some(actions), Some(journal)) => {
+            let mounts = pressure
+                .disks()
+                .map(|r| r.disks.into_iter().map(|d| d.mount_point).collect())
+                .unwrap_or_default();
+            Some(tokio::spawn(actor_task(
+                ActorSettings {
+                    host_id: config.host_id.clone(),
+                    urls: config.coordinator.clone(),
+                    actions,
+                    mounts,
+                },
+                journal,
+                findings_tx.subscribe(),
+                shared,
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        _ => {
+            tracing::info!("no [cleanup] or [restart] configured: observing and reporting only");
+            None
+        }
+    };
+
     observer
         .observe(&pressure, &config, findings_tx, flows_tx, stop_rx)
         .await;
+    if let Some(actor) = actor {
+        let _ = actor.await;
+    }
     let _ = link.await;
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "metrics server ended with an error");
@@ -167,6 +206,8 @@ struct Observer {
     connect_config: crate::detect::baseline::Config,
     /// Findings whose condition still holds, by id.
     active: BTreeMap<String, Finding>,
+    /// Supervised pids and the targets being acted on (shared with the action task).
+    shared: Shared,
 }
 
 fn unix_ms() -> u64 {
@@ -176,7 +217,7 @@ fn unix_ms() -> u64 {
 }
 
 impl Observer {
-    fn new(config: &AgentConfig, metrics: AgentMetrics) -> Result<Self, RunError> {
+    fn new(config: &AgentConfig, metrics: AgentMetrics, shared: Shared) -> Result<Self, RunError> {
         let d = &config.detectors;
         let mut psi = BTreeMap::new();
         for (name, _) in PSI_RESOURCES {
@@ -220,6 +261,7 @@ impl Observer {
             baselines: BTreeMap::new(),
             connect_config: d.connect_failures.clone(),
             active: BTreeMap::new(),
+            shared,
         })
     }
 
@@ -444,8 +486,14 @@ impl Observer {
         let host_memory = pressure.meminfo().ok().map(|m| m.total);
         let mut changed = false;
         let mut results = Vec::new();
+        let supervised = self.shared_state().supervised;
+        let mut recovered = Vec::new();
         for w in &mut self.processes {
-            let pid = locate(&w.spec.locator);
+            let pid = locate(&w.spec.locator, &supervised);
+            if pid.is_some() {
+                // Running again: a crash finding about it is over.
+                recovered.push(format!("process_crash/{}", w.spec.name));
+            }
             let mut crash = None;
             if !exits_from_probe && w.pid.is_some() && pid != w.pid {
                 // Without the exit probe a vanished pid is the only sign of an exit; its
@@ -479,7 +527,22 @@ impl Observer {
             changed |= self.track(leak_id, leak_firing, leak);
             changed |= self.track(crash_id, crash_firing, crash);
         }
+        for id in recovered {
+            changed |= self.active.remove(&id).is_some();
+        }
         changed
+    }
+
+    /// A copy of what the action task shares (a short lock, never held across I/O).
+    fn shared_state(&self) -> crate::act::ActionShared {
+        let s = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::act::ActionShared {
+            supervised: s.supervised.clone(),
+            acting: s.acting.clone(),
+        }
     }
 
     /// One process ended. It counts for a watched process when it is the pid last located, or
@@ -487,10 +550,13 @@ impl Observer {
     /// that dies within a poll interval is never located, yet its exits make the loop).
     fn process_exit(&mut self, pid: u32, comm: &str, exit: Exit) -> bool {
         let now = self.now();
+        let shared = self.shared_state();
         let mut hits = Vec::new();
+        let mut crashes = Vec::new();
         for w in &mut self.processes {
             let matches = w.pid == Some(pid)
                 || match &w.spec.locator {
+                    ProcessLocator::Supervised(name) => shared.supervised.get(name) == Some(&pid),
                     ProcessLocator::Comm(c) => c == comm,
                     ProcessLocator::Pidfile(path) => {
                         std::fs::read_to_string(path)
@@ -500,8 +566,23 @@ impl Observer {
                     }
                     ProcessLocator::Cmdline(_) => false,
                 };
+            if matches && shared.acting.contains(&w.spec.name) {
+                // The agent is restarting it: this exit is the agent's own doing.
+                tracing::info!(process = w.spec.name, pid, %exit, "watched process exited during its restart");
+                w.pid = None;
+                continue;
+            }
             if matches {
                 tracing::info!(process = w.spec.name, pid, %exit, "watched process exited");
+                crashes.push(
+                    Finding::new("process_crash", w.spec.name.clone(), now)
+                        .summary(format!(
+                            "{} (pid {pid}) exited ({exit}) and is not running",
+                            w.spec.name
+                        ))
+                        .evidence("pid", f64::from(pid))
+                        .evidence("exit_status", exit.status()),
+                );
                 let finding = w.crash.observe(now, exit);
                 hits.push((
                     format!("crash_loop/{}", w.spec.name),
@@ -514,6 +595,9 @@ impl Observer {
         let mut changed = false;
         for (id, firing, finding) in hits {
             changed |= self.track(id, firing, finding);
+        }
+        for finding in crashes {
+            changed |= self.track(finding.id.clone(), true, Some(finding));
         }
         changed
     }
@@ -714,9 +798,16 @@ fn spawn_cgroup_trigger(
     true
 }
 
-/// The pid of a watched process now, if it runs.
-fn locate(locator: &ProcessLocator) -> Option<u32> {
+/// The pid of a watched process now, if it runs (a zombie does not count).
+fn locate(locator: &ProcessLocator, supervised: &BTreeMap<String, u32>) -> Option<u32> {
     match locator {
+        ProcessLocator::Supervised(name) => {
+            let pid = *supervised.get(name)?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The state follows the comm's closing parenthesis.
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            (state != "Z" && state != "X").then_some(pid)
+        }
         ProcessLocator::Pidfile(path) => {
             let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
             std::path::Path::new(&format!("/proc/{pid}"))

@@ -1252,6 +1252,7 @@ fn outcome_name(outcome: pb::Outcome) -> &'static str {
         pb::Outcome::Failed => "failed",
         pb::Outcome::VerificationFailed => "verification_failed",
         pb::Outcome::Abandoned => "abandoned",
+        pb::Outcome::Interrupted => "interrupted",
     }
 }
 

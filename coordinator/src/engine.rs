@@ -136,6 +136,7 @@ pub enum Outcome {
     Failed,
     VerificationFailed,
     Abandoned,
+    Interrupted,
 }
 
 impl Outcome {
@@ -145,6 +146,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::VerificationFailed => "verification_failed",
             Outcome::Abandoned => "abandoned",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }
@@ -214,10 +216,29 @@ enum Cmd {
         operator: String,
         reply: Reply<()>,
     },
+    LateOutcome {
+        late: LateOutcome,
+        reply: Reply<()>,
+    },
     /// A key under the prefix was deleted (a lease ran out, a host stopped heartbeating).
-    Deleted { key: String, revision: i64 },
+    Deleted {
+        key: String,
+        revision: i64,
+    },
     /// The watch broke: re-read everything.
     Resync,
+}
+
+/// The outcome of an action whose lease had already ended when the agent reported it.
+#[derive(Clone, Debug)]
+pub struct LateOutcome {
+    pub host: String,
+    pub lease_id: String,
+    pub token: u64,
+    pub class: String,
+    pub target: String,
+    pub outcome: Outcome,
+    pub detail: String,
 }
 
 /// The coordinator engine. Cheap to clone.
@@ -705,6 +726,27 @@ impl Engine {
             reply,
         })
         .await
+    }
+
+    /// Audits the outcome of an action whose lease already ended; refused while it is live.
+    pub async fn late_outcome(&self, late: LateOutcome) -> Result<(), EngineError> {
+        check_text("detail", &late.detail, MAX_EVIDENCE)?;
+        for (field, value) in [
+            ("host_id", &late.host),
+            ("lease_id", &late.lease_id),
+            ("class", &late.class),
+            ("target", &late.target),
+        ] {
+            if value.is_empty() || value.len() > 253 {
+                return Err(EngineError::Invalid(format!("{field} must be 1-253 bytes")));
+            }
+        }
+        if late.token == 0 {
+            return Err(EngineError::Invalid(
+                "token must be the lease's fencing token (> 0)".into(),
+            ));
+        }
+        self.send(|reply| Cmd::LateOutcome { late, reply }).await
     }
 
     pub async fn revoke(
@@ -2208,9 +2250,43 @@ impl Actor {
                 let r = self.reject(id, reason, operator).await;
                 self.finish(r, reply)
             }
+            Cmd::LateOutcome { late, reply } => {
+                let r = self.late_outcome(late).await;
+                self.finish(r, reply)
+            }
             Cmd::Deleted { key, revision } => self.deleted(&key, revision).await,
             Cmd::Resync => self.reload().await,
         }
+    }
+
+    async fn late_outcome(&mut self, late: LateOutcome) -> Result<(), Result<EngineError, String>> {
+        if self
+            .view
+            .leases
+            .get(&late.lease_id)
+            .is_some_and(|e| e.token == late.token)
+        {
+            return Err(Ok(EngineError::FailedPrecondition(format!(
+                "lease {} is still live: release it with its outcome instead",
+                late.lease_id
+            ))));
+        }
+        let mut d = AuditDraft::new(AuditKind::Outcome, format!("host:{}", late.host));
+        d.class = Some(late.class);
+        d.host = Some(late.host);
+        d.target = Some(late.target);
+        d.lease_id = Some(late.lease_id);
+        d.token = Some(late.token);
+        d.reason = Some(late.outcome.as_str().to_owned());
+        d.detail = json!({
+            "outcome": late.outcome.as_str(),
+            "detail": late.detail,
+            "late": true,
+        });
+        let mut tx = TxnBuilder::default();
+        tx.drafts.push(d);
+        self.commit_or(tx, now_ms()).await?;
+        Ok(())
     }
 
     /// Sends the answer; a deposition ends the term.

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
     admission::{FreezeRecord, UnixMillis, effective_cap},
-    engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, Outcome},
+    engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, LateOutcome, Outcome},
     telemetry::{FleetTelemetry, FlowEdge, MAX_EDGES_PER_HOST, ReportedFinding},
     view::Scope,
 };
@@ -272,19 +272,38 @@ impl Agent for Services {
             outcome,
             detail,
         } = request.into_inner();
-        let outcome = match pb::Outcome::try_from(outcome) {
-            Ok(pb::Outcome::Success) => Outcome::Success,
-            Ok(pb::Outcome::Failed) => Outcome::Failed,
-            Ok(pb::Outcome::VerificationFailed) => Outcome::VerificationFailed,
-            Ok(pb::Outcome::Abandoned) => Outcome::Abandoned,
-            Ok(pb::Outcome::Unspecified) | Err(_) => {
-                return Err(Status::invalid_argument(
-                    "outcome must be success, failed, verification_failed or abandoned",
-                ));
-            }
-        };
+        let outcome = outcome_from_wire(outcome)?;
         self.engine
             .release(lease_id, token, outcome, detail)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ReleaseReply {}))
+    }
+
+    async fn report_outcome(
+        &self,
+        request: Request<pb::ReportOutcomeRequest>,
+    ) -> Result<Response<pb::ReleaseReply>, Status> {
+        let pb::ReportOutcomeRequest {
+            host_id,
+            lease_id,
+            token,
+            class,
+            target,
+            outcome,
+            detail,
+        } = request.into_inner();
+        let outcome = outcome_from_wire(outcome)?;
+        self.engine
+            .late_outcome(LateOutcome {
+                host: host_id,
+                lease_id,
+                token,
+                class,
+                target,
+                outcome,
+                detail,
+            })
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ReleaseReply {}))
@@ -857,4 +876,18 @@ pub async fn serve_grpc(
         .add_service(OperatorServer::new(services))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// An outcome off the wire; unspecified or unknown values are refused.
+fn outcome_from_wire(outcome: i32) -> Result<Outcome, Status> {
+    match pb::Outcome::try_from(outcome) {
+        Ok(pb::Outcome::Success) => Ok(Outcome::Success),
+        Ok(pb::Outcome::Failed) => Ok(Outcome::Failed),
+        Ok(pb::Outcome::VerificationFailed) => Ok(Outcome::VerificationFailed),
+        Ok(pb::Outcome::Abandoned) => Ok(Outcome::Abandoned),
+        Ok(pb::Outcome::Interrupted) => Ok(Outcome::Interrupted),
+        Ok(pb::Outcome::Unspecified) | Err(_) => Err(Status::invalid_argument(
+            "outcome must be success, failed, verification_failed, abandoned or interrupted",
+        )),
+    }
 }

@@ -98,6 +98,8 @@ fn config(roots: Vec<CleanupRoot>, ratio: f64) -> CleanupConfig {
         target_free_ratio: ratio,
         max_bytes_per_run: u64::MAX,
         roots,
+        on: std::collections::BTreeSet::new(),
+        cooldown: None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `cleanup`: `disk_cleanup` (fd-relative deletion under configured roots; I7).
 //! - `restart`: `process_restart` (allow-listed systemd units or supervised argv processes,
 //!   signalled through pidfds, health-checked within a window; no shell; I7).
+//! - `trigger` (pure): which finding becomes which proposal, cooldowns and crash-loop backoff.
 //! - `journal`: the fsynced local journal of tokens, plans, steps and outcomes (I2 across
 //!   restarts: interrupted actions are reported, never re-run under their old token).
 //!
@@ -14,3 +15,4 @@
 pub mod cleanup;
 pub mod journal;
 pub mod restart;
+pub mod trigger;

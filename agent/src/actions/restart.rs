@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::trigger::Trigger;
+
 /// Longest `grace` or `health_window` accepted.
 const MAX_WINDOW: Duration = Duration::from_secs(600);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -75,6 +77,12 @@ pub struct RawRestartTarget {
     pub probe: Option<RawArgv>,
     /// A humantime duration: how long the target has to become healthy (default 30s).
     pub health_window: Option<String>,
+    /// Which findings restart it: some of "crash", "crash_loop", "memory_leak", "oom_kill"
+    /// (default all four).
+    pub on: Option<Vec<String>>,
+    /// A humantime duration: no new restart of this target for this long after one (default:
+    /// `[actions] cooldown`). Crash loops double it per restart while the loop lasts.
+    pub cooldown: Option<String>,
 }
 
 /// An argv as written: a list, or a single string (refused: no shell is ever invoked).
@@ -124,6 +132,8 @@ pub struct RestartTarget {
     kind: TargetKind,
     health: HealthCheck,
     health_window: Duration,
+    on: BTreeSet<Trigger>,
+    cooldown: Option<Duration>,
 }
 
 /// How a target runs.
@@ -227,6 +237,14 @@ impl RestartTarget {
     pub fn health_window(&self) -> Duration {
         self.health_window
     }
+    /// The findings that restart it.
+    pub fn on(&self) -> &BTreeSet<Trigger> {
+        &self.on
+    }
+    /// Its own cooldown, if set (else the agent-wide one applies).
+    pub fn cooldown(&self) -> Option<Duration> {
+        self.cooldown
+    }
 }
 
 impl RawRestart {
@@ -266,6 +284,8 @@ fn validate_target(
         http,
         probe,
         health_window,
+        on,
+        cooldown,
     } = raw;
     let before = problems.len();
     let mut add = |field: &str, problem: String| {
@@ -416,6 +436,39 @@ fn validate_target(
             None
         }
     };
+    let on = match on {
+        None => Trigger::RESTART.into_iter().collect(),
+        Some(names) => {
+            let mut on = BTreeSet::new();
+            for name in &names {
+                match Trigger::parse(name, &Trigger::RESTART) {
+                    Ok(t) => {
+                        on.insert(t);
+                    }
+                    Err(p) => add("on", p),
+                }
+            }
+            if names.is_empty() {
+                add(
+                    "on",
+                    "empty; list the findings that restart it, e.g. [\"crash\"], or remove the target"
+                        .into(),
+                );
+            }
+            on
+        }
+    };
+    let cooldown = match cooldown
+        .as_deref()
+        .map(|c| duration(Some(c), Duration::ZERO))
+    {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(p)) => {
+            add("cooldown", p);
+            None
+        }
+    };
     if problems.len() != before {
         return None;
     }
@@ -424,6 +477,8 @@ fn validate_target(
         kind: kind?,
         health: health?,
         health_window: health_window?,
+        on,
+        cooldown,
     })
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::pattern::NamePattern;
+use crate::actions::trigger::Trigger;
 
 /// `[cleanup]` as written in `agent.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -23,6 +24,12 @@ pub struct RawCleanup {
     /// The roots, each `[[cleanup.root]]`.
     #[serde(default)]
     pub root: Vec<RawCleanupRoot>,
+    /// Which findings start a cleanup of a mount holding a root: some of "disk_full",
+    /// "disk_forecast" (default both).
+    pub on: Option<Vec<String>>,
+    /// A humantime duration: no new cleanup of a mount for this long after one (default:
+    /// `[actions] cooldown`).
+    pub cooldown: Option<String>,
 }
 
 /// One `[[cleanup.root]]`.
@@ -46,6 +53,10 @@ pub struct CleanupConfig {
     pub target_free_ratio: f64,
     pub max_bytes_per_run: u64,
     pub roots: Vec<CleanupRoot>,
+    /// The findings that start a cleanup.
+    pub on: BTreeSet<Trigger>,
+    /// Its own cooldown, if set (else the agent-wide one applies).
+    pub cooldown: Option<Duration>,
 }
 
 /// A validated root: an absolute, normalised path that is not `/`.
@@ -165,11 +176,46 @@ impl RawCleanup {
                 }
             }
         }
+        let on = match self.on {
+            None => Trigger::CLEANUP.into_iter().collect(),
+            Some(names) => {
+                let mut on = BTreeSet::new();
+                for name in &names {
+                    match Trigger::parse(name, &Trigger::CLEANUP) {
+                        Ok(t) => {
+                            on.insert(t);
+                        }
+                        Err(p) => add(format!("{at}.on"), p),
+                    }
+                }
+                if names.is_empty() {
+                    add(
+                        format!("{at}.on"),
+                        "empty; list the findings that start a cleanup, e.g. [\"disk_full\"]"
+                            .into(),
+                    );
+                }
+                on
+            }
+        };
+        let cooldown = match self.cooldown.as_deref().map(humantime::parse_duration) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                add(
+                    format!("{at}.cooldown"),
+                    format!("not a duration ({e}); write it like \"5m\""),
+                );
+                None
+            }
+        };
         if problems.is_empty() {
             Ok(CleanupConfig {
                 target_free_ratio,
                 max_bytes_per_run,
                 roots,
+                on,
+                cooldown,
             })
         } else {
             Err(CleanupProblems(problems))
@@ -352,6 +398,8 @@ mod tests {
                 bad_values,
                 RawCleanupRoot::default(),
             ],
+            on: Some(vec!["crash".into()]),
+            cooldown: Some("later".into()),
         };
         let CleanupProblems(problems) = raw.validate("cleanup").expect_err("invalid");
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
@@ -370,6 +418,8 @@ mod tests {
                 "cleanup.root[5].path",
                 "cleanup.root[5].patterns",
                 "cleanup.root[5].min_age",
+                "cleanup.on",
+                "cleanup.cooldown",
             ],
             "{problems:#?}"
         );
@@ -388,6 +438,7 @@ mod tests {
                 root("/var/log/app", &["*.gz"]),
                 root("/var/log", &["*.tmp"]),
             ],
+            ..RawCleanup::default()
         };
         let CleanupProblems(problems) = raw.validate("cleanup").expect_err("invalid");
         assert!(problems.iter().any(|p| p.problem.contains("inside root")));

@@ -227,6 +227,8 @@ mod tests {
                 allow_truncate: false,
                 allow_group_writable: false,
             }],
+            on: std::collections::BTreeSet::new(),
+            cooldown: None,
         }
     }
 
