@@ -1,8 +1,10 @@
 //! The agent against the real kernel (as root): probes, pressure readers and detectors fed by
 //! real processes, files, mounts and cgroups.
 
+mod actions;
 mod cleanup;
 mod findings;
+mod fleet;
 mod pressure;
 mod probes;
 mod restart;

@@ -6,76 +6,20 @@
 //! Every wait is bounded; agents are stopped by pid and tmpfs mounts unmounted by guards whose
 //! `Drop` also runs on panic.
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use interlock_tests::coordinator::{binary, http_get};
+use interlock_tests::agent::{Agent, Tmpfs, free_addr};
+use interlock_tests::coordinator::binary;
 use interlock_tests::{
     BASIC_POLICY, Coordinator, CoordinatorOptions, Etcd, fresh_prefix, require_root,
 };
 
-/// A tmpfs mounted on a fresh temp dir, unmounted (lazily, so a busy mount cannot leak) on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("interlock-agent-tmpfs-")
-            .tempdir()
-            .expect("temp dir");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount -t tmpfs failed: {status}");
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Writes `bytes` of data into a file on the mount.
-    fn fill(&self, bytes: usize) {
-        std::fs::write(self.path().join("fill"), vec![0x5a_u8; bytes]).expect("fill tmpfs");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// An `interlock-agent run` process, stopped by pid (SIGTERM, then SIGKILL) on drop.
-struct Agent {
-    child: Child,
-    metrics: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-impl Agent {
-    fn start(host_id: &str, coordinator: &str, mount: &Path) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("interlock-agent-")
-            .tempdir()
-            .expect("temp dir");
-        let metrics = free_addr();
-        let config = format!(
+/// An agent watching `mount` with a low disk threshold.
+fn start_agent(host_id: &str, coordinator: &str, mount: &Path) -> Agent {
+    Agent::start(|_, metrics| {
+        format!(
             r#"
 host_id = "{host_id}"
 coordinator = "{coordinator}"
@@ -93,96 +37,8 @@ for = "0s"
 cooldown = "1m"
 "#,
             mount = mount.display()
-        );
-        let path = dir.path().join("agent.toml");
-        std::fs::write(&path, config).expect("write agent.toml");
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent log");
-        let child = Command::new(binary("interlock-agent"))
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start interlock-agent run");
-        let agent = Self {
-            child,
-            metrics,
-            dir,
-        };
-        agent.wait_for("metrics endpoint", Duration::from_secs(20), |a| {
-            http_get(a.metrics, "/healthz").is_ok_and(|(code, _)| code == 200)
-        });
-        agent
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.metrics, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    /// The sum of the samples of lines starting with `prefix`.
-    fn metric(&self, prefix: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn wait_for(&self, what: &str, within: Duration, ok: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if ok(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "agent: no {what} within {within:?}; its log:\n{}",
-            self.log()
-        );
-    }
-
-    /// SIGTERM and a bounded wait for a clean exit.
-    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "agent did not exit within {within:?} of SIGTERM; log:\n{}",
-            self.log()
-        );
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+        )
+    })
 }
 
 const FINDINGS_DISK: &str = "interlock_agent_findings_total{detector=\"disk_full\"}";
@@ -282,7 +138,7 @@ fn agent_registers_heartbeats_and_reports_a_disk_finding() {
         .expect("leader");
     let url = coordinator.url();
     let mount = Tmpfs::mount("8m");
-    let mut agent = Agent::start("agent-rt-1", &url, mount.path());
+    let mut agent = start_agent("agent-rt-1", &url, mount.path());
 
     agent.wait_for("registration", Duration::from_secs(20), |_| {
         host_labels(&url, "agent-rt-1").is_some()
@@ -333,7 +189,7 @@ fn without_a_coordinator_the_agent_observes_only() {
     let closed = free_addr();
     let mount = Tmpfs::mount("8m");
     mount.fill(6 << 20);
-    let mut agent = Agent::start("agent-rt-2", &format!("http://{closed}"), mount.path());
+    let mut agent = start_agent("agent-rt-2", &format!("http://{closed}"), mount.path());
     agent.wait_for("observing-only state", Duration::from_secs(15), |a| {
         a.metric("interlock_agent_observing_only ") == 1.0 && a.log().contains("observing only")
     });

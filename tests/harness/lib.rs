@@ -4,6 +4,7 @@
 //! Nothing here fakes a component: it starts real ones and stops them, by pid, when the
 //! handle drops (also on panic).
 
+pub mod agent;
 pub mod client;
 pub mod coordinator;
 pub mod etcd;
