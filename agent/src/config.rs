@@ -637,6 +637,7 @@ fn validate_actions(
     restart: Option<RawRestart>,
     processes: &mut Vec<WatchedProcess>,
 ) -> Option<ActionsConfig> {
+    let configured = cleanup.is_some() || restart.is_some();
     let cleanup = cleanup.and_then(|c| match c.validate("cleanup") {
         Ok(c) => Some(c),
         Err(CleanupProblems(problems)) => {
@@ -695,7 +696,7 @@ fn validate_actions(
     if retry < Duration::from_millis(100) {
         p.add("actions.retry", "must be at least 100ms");
     }
-    if cleanup.is_none() && restart.is_none() {
+    if !configured {
         return None;
     }
     let journal = match raw.journal {
