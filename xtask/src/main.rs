@@ -4,6 +4,7 @@
 //! `anyhow`; arguments are parsed with a `match` (a handful of flags do not justify clap's
 //! build time here), and cargo's JSON messages are searched as text for the one field we need.
 
+mod quickstart;
 mod setup;
 
 use std::{
@@ -18,7 +19,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   setup          install every prerequisite (apt packages, rust-src, bpf-linker, mounts); idempotent
-  ci             setup, fmt check, clippy -D warnings, build the eBPF object once, run every test
+  ci             setup, fmt check, clippy -D warnings, eBPF object once, every test, run --once
   run [--once]   set up and run Interlock on this host: coordinator (embedded store) + agent (root)
   bench NAME     run a benchmark
   chaos NAME     run a fault-injection scenario";
@@ -126,6 +127,15 @@ fn ci() -> anyhow::Result<()> {
     if summary.passed == 0 {
         bail!("no test ran");
     }
+    // The quickstart, as README's first command runs it: one finding -> lease -> verified
+    // outcome on this host.
+    let mut build = cargo();
+    build.args(["build", "--locked", "--bins"]);
+    with_object(&mut build);
+    run_cmd(&mut build)?;
+    setup::require_root("the quickstart loads eBPF programs and mounts a demo disk")?;
+    quickstart::run(&root().join("target/debug"), true).context("cargo xtask run --once")?;
+    println!("ci: quickstart (run --once) passed");
     Ok(())
 }
 
@@ -235,53 +245,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         _ => bail!("usage: cargo xtask run [--once]"),
     };
     setup::run()?;
-    setup::require_root("the agent loads eBPF programs")?;
+    setup::require_root("the agent loads eBPF programs and the quickstart mounts a demo disk")?;
     run_cmd(cargo().args(["build", "--locked", "--bins"]))?;
-    let bin = root().join("target/debug");
-    let policy = root().join("deploy/examples/policy.toml");
-    let data = root().join("target/quickstart");
-    std::fs::create_dir_all(&data)?;
-    // The embedded store: the one-host quickstart needs no etcd.
-    let mut coordinator = Command::new(bin.join("interlock"))
-        .args(["serve", "--listen", "127.0.0.1:7400", "--config"])
-        .arg(&policy)
-        .arg("--data-dir")
-        .arg(&data)
-        .spawn()
-        .context("starting the coordinator")?;
-    let result = (|| -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let ping = Command::new(bin.join("interlock")).arg("status").output()?;
-            if ping.status.success() {
-                print!("{}", String::from_utf8_lossy(&ping.stdout));
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("the coordinator did not answer within 10 s");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        if once {
-            bail!(
-                "`run --once` waits for a finding -> lease -> verified outcome, which needs the \
-                 green actions (not built yet); `cargo xtask run` without --once shows the probes"
-            );
-        }
-        println!(
-            "agent: observing this host and reporting to the coordinator; in another shell try \
-             `target/debug/interlock hosts`, `interlock findings`, `interlock graph`; Ctrl-C stops"
-        );
-        run_cmd(
-            Command::new(bin.join("interlock-agent"))
-                .args(["run", "--config"])
-                .arg(root().join("deploy/examples/agent.toml")),
-        )
-    })();
-    // Ends only the coordinator this task started, by its pid.
-    let _ = coordinator.kill();
-    let _ = coordinator.wait();
-    result
+    quickstart::run(&root().join("target/debug"), once)
 }
 
 /// Benchmarks, each a release binary of the tests package that starts what it measures.
