@@ -243,6 +243,9 @@ struct Actor {
     metrics: AgentMetrics,
     stop: watch::Receiver<bool>,
     failpoint: Option<u64>,
+    /// The observer's current findings (preconditions are checked against them just before
+    /// acting, which may be long after the proposal in assist mode).
+    findings: watch::Receiver<Vec<Finding>>,
 }
 
 /// Opens the journal named in the config (creating its directory).
@@ -298,6 +301,7 @@ pub async fn actor_task(
         metrics,
         stop,
         failpoint,
+        findings: findings.clone(),
     };
     actor.start_supervised().await;
     let mut unreported = actor.interrupted();
@@ -313,7 +317,7 @@ pub async fn actor_task(
         }
         let busy = lock(&actor.shared).acting.clone();
         if let Some(proposal) = actor.chooser.next(&current, now(), &busy) {
-            let after = actor.handle(&proposal, &current).await;
+            let after = actor.handle(&proposal).await;
             actor.chooser.done(&proposal, after, now());
             current = findings.borrow_and_update().clone();
             continue;
@@ -342,9 +346,16 @@ pub async fn actor_task(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    // Stop the argv targets the agent runs (their supervisor SIGKILLs and reaps them).
-    if let Some(exec) = actor.restart.take() {
-        let _ = tokio::task::spawn_blocking(move || drop(exec)).await;
+    // Stop the argv targets the agent runs: their stop signal, their grace, then SIGKILL.
+    if let (Some(mut exec), Some(config)) =
+        (actor.restart.take(), actor.settings.actions.restart.clone())
+    {
+        let stopped = tokio::task::spawn_blocking(move || exec.supervisor.stop_all(&config)).await;
+        if let Ok(stopped) = stopped
+            && !stopped.is_empty()
+        {
+            tracing::info!(?stopped, "supervised targets stopped");
+        }
     }
     tracing::info!("action task stopped");
 }
@@ -462,7 +473,7 @@ impl Actor {
     }
 
     /// The whole life of one proposal. Returns what the chooser should do with it next.
-    async fn handle(&mut self, proposal: &Proposal, findings: &[Finding]) -> After {
+    async fn handle(&mut self, proposal: &Proposal) -> After {
         let class = Self::class_name(proposal.class);
         let plan = match self.dry_run(proposal).await {
             Ok(plan) => plan,
@@ -510,8 +521,7 @@ impl Actor {
         match reply.outcome {
             Some(Reply::Granted(g)) => {
                 self.metrics.action(class, "granted");
-                self.act(proposal, Grant::from_wire(&g), sent, &plan, findings)
-                    .await
+                self.act(proposal, Grant::from_wire(&g), sent, &plan).await
             }
             Some(Reply::Denied(d)) => {
                 self.metrics.action(class, "denied");
@@ -549,7 +559,7 @@ impl Actor {
                     "assist mode: waiting for `interlock approve {}`",
                     p.approval_id
                 );
-                self.await_approval(proposal, &p, &plan, findings).await
+                self.await_approval(proposal, &p, &plan).await
             }
             None => {
                 tracing::warn!(class, "the coordinator answered without a decision");
@@ -564,7 +574,6 @@ impl Actor {
         proposal: &Proposal,
         pending: &pb::Pending,
         plan: &str,
-        findings: &[Finding],
     ) -> After {
         let class = Self::class_name(proposal.class);
         let expires = pending.expires_at_ms.saturating_sub(unix_ms());
@@ -627,7 +636,7 @@ impl Actor {
                         .await;
                         return After::Retry;
                     }
-                    return self.act(proposal, grant, sent, plan, findings).await;
+                    return self.act(proposal, grant, sent, plan).await;
                 }
                 Ok(Some(Reply::Denied(d))) => {
                     self.metrics.action(class, "denied");
@@ -715,14 +724,7 @@ impl Actor {
     }
 
     /// Runs a granted action under its lease and reports how it ended.
-    async fn act(
-        &mut self,
-        proposal: &Proposal,
-        grant: Grant,
-        sent: Instant,
-        plan: &str,
-        findings: &[Finding],
-    ) -> After {
+    async fn act(&mut self, proposal: &Proposal, grant: Grant, sent: Instant, plan: &str) -> After {
         let class = Self::class_name(proposal.class);
         let margin = self.settings.actions.lease_margin;
         let ended = if grant.ttl <= margin {
@@ -733,7 +735,12 @@ impl Actor {
                     grant.ttl
                 ),
             }
-        } else if !findings.iter().any(|f| f.id == proposal.finding_id) {
+        } else if !self
+            .findings
+            .borrow()
+            .iter()
+            .any(|f| f.id == proposal.finding_id)
+        {
             Ended {
                 outcome: pb::Outcome::Abandoned,
                 detail: format!(

@@ -703,3 +703,64 @@ fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
     );
     println!("SIGTERM mid-action: exited in {took:?}, outcome abandoned, lease released");
 }
+
+#[test]
+fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
+    require_root("the revoke test (eBPF exit probe)");
+    let f = fleet("action-revoke", &policy("autonomous", "3s"));
+    let url = f.coordinator.url();
+    let demo = free_addr();
+    let agent = demo_agent("revoke-1", &url, demo, "60s", "");
+    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
+        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
+    });
+    wait_until(
+        "the demo service listening",
+        Duration::from_secs(20),
+        &agent,
+        || interlock_tests::agent::listening(demo),
+    );
+    crash_demo(demo);
+    let journal_path = agent.dir().join("actions.journal");
+    agent.wait_for(
+        "health polls under a lease",
+        Duration::from_secs(20),
+        |_| entries(&journal_entries(&journal_path), "step", 0).len() >= 4,
+    );
+    let planned = entries(&journal_entries(&journal_path), "planned", 0);
+    let lease_id = planned[0]["lease_id"]
+        .as_str()
+        .expect("lease id")
+        .to_owned();
+    let token = planned[0]["token"].as_u64().expect("token");
+    let out = interlock(
+        &url,
+        &["lease", "revoke", &lease_id, "--reason", "test: stop it"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked = Instant::now();
+    agent.wait_for("the action to stop", Duration::from_secs(10), |_| {
+        !entries(&journal_entries(&journal_path), "done", token).is_empty()
+    });
+    let stopped_in = revoked.elapsed();
+    let journal = journal_entries(&journal_path);
+    assert_eq!(entries(&journal, "done", token)[0]["outcome"], "abandoned");
+    assert!(agent.log().contains("lease lost"), "{}", agent.log());
+    // The revoke is the audit's ending of this lease; the agent's outcome follows as late.
+    agent.wait_for("the late outcome", Duration::from_secs(10), |_| {
+        records(&audit(&url), "outcome", "process_restart")
+            .iter()
+            .any(|o| o["token"].as_u64() == Some(token) && o["detail"]["late"] == true)
+    });
+    assert_eq!(records(&audit(&url), "revoke", "process_restart").len(), 1);
+    // The renewal that learns of the revoke comes within a third of the 3 s TTL.
+    assert!(
+        stopped_in < Duration::from_secs(3),
+        "stopped {stopped_in:?} after the revoke"
+    );
+    println!("revoke mid-action: the agent stopped {stopped_in:?} after the revoke");
+}

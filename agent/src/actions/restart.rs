@@ -877,6 +877,30 @@ impl Supervisor {
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.running.get(name).map(|r| r.child.id())
     }
+
+    /// Stops every running target as a restart would (its stop signal, its grace, then
+    /// SIGKILL) and reaps it; for the agent's own shutdown. Returns the names stopped.
+    pub fn stop_all(&mut self, config: &RestartConfig) -> Vec<String> {
+        let mut stopped = Vec::new();
+        for (name, mut r) in std::mem::take(&mut self.running) {
+            let Ok(target) = config.target(&name) else {
+                continue;
+            };
+            let TargetKind::Supervised(s) = &target.kind else {
+                continue;
+            };
+            let mut report = RestartReport::new(target);
+            // Whatever happens, Drop of `r` is not relied on: a failed stop is SIGKILLed here.
+            if stop(&mut r, s, &mut || true, &mut report).is_err() {
+                let _ = r.pidfd.send_signal(libc::SIGKILL);
+                if r.pidfd.wait_exit(KILL_WAIT).unwrap_or(false) {
+                    let _ = r.child.wait();
+                }
+            }
+            stopped.push(name);
+        }
+        stopped
+    }
 }
 
 impl Drop for Supervisor {
