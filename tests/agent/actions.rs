@@ -749,6 +749,7 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     let stopped_in = revoked.elapsed();
     let journal = journal_entries(&journal_path);
     assert_eq!(entries(&journal, "done", token)[0]["outcome"], "abandoned");
+    // Stopped because the renewal learnt the lease was gone, not by the deadline running out.
     assert!(agent.log().contains("lease lost"), "{}", agent.log());
     // The revoke is the audit's ending of this lease; the agent's outcome follows as late.
     agent.wait_for("the late outcome", Duration::from_secs(10), |_| {
@@ -757,10 +758,5 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
             .any(|o| o["token"].as_u64() == Some(token) && o["detail"]["late"] == true)
     });
     assert_eq!(records(&audit(&url), "revoke", "process_restart").len(), 1);
-    // The renewal that learns of the revoke comes within a third of the 3 s TTL.
-    assert!(
-        stopped_in < Duration::from_secs(3),
-        "stopped {stopped_in:?} after the revoke"
-    );
     println!("revoke mid-action: the agent stopped {stopped_in:?} after the revoke");
 }
