@@ -186,14 +186,19 @@ struct Ended {
     detail: String,
 }
 
-fn outcome_name(o: pb::Outcome) -> &'static str {
-    match o {
-        pb::Outcome::Unspecified => "unspecified",
-        pb::Outcome::Success => "success",
-        pb::Outcome::Failed => "failed",
-        pb::Outcome::VerificationFailed => "verification_failed",
-        pb::Outcome::Abandoned => "abandoned",
-        pb::Outcome::Interrupted => "interrupted",
+/// The outcome as the journal, metrics and logs spell it (`success`, `verification_failed`).
+fn outcome_name(o: pb::Outcome) -> String {
+    o.as_str_name()
+        .trim_start_matches("OUTCOME_")
+        .to_ascii_lowercase()
+}
+
+impl Ended {
+    fn new(outcome: pb::Outcome, detail: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -448,10 +453,7 @@ impl Actor {
                 i.steps.len(),
                 i.steps.last().map_or("none", String::as_str)
             );
-            let ended = Ended {
-                outcome: pb::Outcome::Interrupted,
-                detail,
-            };
+            let ended = Ended::new(pb::Outcome::Interrupted, detail);
             if self
                 .deliver(&i.lease_id, i.token, &i.class, &i.target, &ended, 1)
                 .await
@@ -621,10 +623,10 @@ impl Actor {
                         .await;
                     if let Err(e) = renewed {
                         tracing::warn!(error = %e, "the approved lease could not be renewed; not acting");
-                        let ended = Ended {
-                            outcome: pb::Outcome::Abandoned,
-                            detail: format!("approved lease not renewable before acting: {e}"),
-                        };
+                        let ended = Ended::new(
+                            pb::Outcome::Abandoned,
+                            format!("approved lease not renewable before acting: {e}"),
+                        );
                         self.deliver(
                             &grant.lease_id,
                             grant.token,
@@ -728,31 +730,31 @@ impl Actor {
         let class = Self::class_name(proposal.class);
         let margin = self.settings.actions.lease_margin;
         let ended = if grant.ttl <= margin {
-            Ended {
-                outcome: pb::Outcome::Abandoned,
-                detail: format!(
+            Ended::new(
+                pb::Outcome::Abandoned,
+                format!(
                     "lease TTL {:?} is not above the agent's lease_margin {margin:?}; lower [actions] lease_margin or raise the class's lease_ttl",
                     grant.ttl
                 ),
-            }
+            )
         } else if !self
             .findings
             .borrow()
             .iter()
             .any(|f| f.id == proposal.finding_id)
         {
-            Ended {
-                outcome: pb::Outcome::Abandoned,
-                detail: format!(
+            Ended::new(
+                pb::Outcome::Abandoned,
+                format!(
                     "precondition gone: {} cleared before acting",
                     proposal.finding_id
                 ),
-            }
+            )
         } else {
             self.run_leased(proposal, &grant, sent, plan).await
         };
         let name = outcome_name(ended.outcome);
-        self.metrics.action(class, name);
+        self.metrics.action(class, &name);
         if ended.outcome == pb::Outcome::Success {
             tracing::info!(
                 class,
@@ -819,10 +821,10 @@ impl Actor {
                 unix_ms(),
             );
         if let Err(e) = planned {
-            return Ended {
-                outcome: pb::Outcome::Abandoned,
-                detail: format!("journal refused the action: {e}"),
-            };
+            return Ended::new(
+                pb::Outcome::Abandoned,
+                format!("journal refused the action: {e}"),
+            );
         }
         lock(&self.shared).acting.insert(proposal.target.clone());
         let renewer = tokio::spawn(renew_loop(
@@ -849,7 +851,7 @@ impl Actor {
             .journal
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .done(grant.token, outcome_name(ended.outcome), unix_ms());
+            .done(grant.token, &outcome_name(ended.outcome), unix_ms());
         if let Err(e) = r {
             tracing::error!(error = %e, "cannot journal the outcome");
         }
@@ -866,10 +868,7 @@ impl Actor {
         let config = match self.cleanup_config(&proposal.target) {
             Ok(c) => c,
             Err(detail) => {
-                return Ended {
-                    outcome: pb::Outcome::Abandoned,
-                    detail,
-                };
+                return Ended::new(pb::Outcome::Abandoned, detail);
             }
         };
         let target_ratio = config.target_free_ratio;
@@ -885,16 +884,10 @@ impl Actor {
         let report = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                return Ended {
-                    outcome: pb::Outcome::Failed,
-                    detail: e.to_string(),
-                };
+                return Ended::new(pb::Outcome::Failed, e.to_string());
             }
             Err(e) => {
-                return Ended {
-                    outcome: pb::Outcome::Failed,
-                    detail: format!("cleanup panicked: {e}"),
-                };
+                return Ended::new(pb::Outcome::Failed, format!("cleanup panicked: {e}"));
             }
         };
         let done = format!(
@@ -907,10 +900,10 @@ impl Actor {
             report.errors
         );
         if report.stopped_early {
-            return Ended {
-                outcome: pb::Outcome::Abandoned,
-                detail: format!("{}; {done}", self.stop_reason(clock)),
-            };
+            return Ended::new(
+                pb::Outcome::Abandoned,
+                format!("{}; {done}", self.stop_reason(clock)),
+            );
         }
         // Verification: free space at or above the target within the window (and the lease).
         let mount = PathBuf::from(&proposal.target);
@@ -919,24 +912,24 @@ impl Actor {
         loop {
             let free = free_ratio(&mount).unwrap_or(0.0);
             if free >= target_ratio {
-                return Ended {
-                    outcome: pb::Outcome::Success,
-                    detail: format!(
+                return Ended::new(
+                    pb::Outcome::Success,
+                    format!(
                         "{done}; free {:.1}% (target {:.1}%)",
                         free * 100.0,
                         target_ratio * 100.0
                     ),
-                };
+                );
             }
             if Instant::now() >= until || !clock.allows(Instant::now()) {
-                return Ended {
-                    outcome: pb::Outcome::VerificationFailed,
-                    detail: format!(
+                return Ended::new(
+                    pb::Outcome::VerificationFailed,
+                    format!(
                         "{done}; free {:.1}% is below the target {:.1}%",
                         free * 100.0,
                         target_ratio * 100.0
                     ),
-                };
+                );
             }
             tokio::time::sleep(VERIFY_POLL).await;
         }
@@ -951,17 +944,14 @@ impl Actor {
         let target = match self.restart_target(&proposal.target) {
             Ok(t) => t,
             Err(detail) => {
-                return Ended {
-                    outcome: pb::Outcome::Abandoned,
-                    detail,
-                };
+                return Ended::new(pb::Outcome::Abandoned, detail);
             }
         };
         let Some(mut exec) = self.restart.take() else {
-            return Ended {
-                outcome: pb::Outcome::Failed,
-                detail: "the restart executor is gone (an earlier restart panicked)".into(),
-            };
+            return Ended::new(
+                pb::Outcome::Failed,
+                "the restart executor is gone (an earlier restart panicked)",
+            );
         };
         let issued = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -972,10 +962,7 @@ impl Actor {
         let (exec, result) = match result {
             Ok(x) => x,
             Err(e) => {
-                return Ended {
-                    outcome: pb::Outcome::Failed,
-                    detail: format!("restart panicked: {e}"),
-                };
+                return Ended::new(pb::Outcome::Failed, format!("restart panicked: {e}"));
             }
         };
         if let Some(pid) = exec.supervisor.pid(&proposal.target) {
@@ -985,10 +972,7 @@ impl Actor {
         }
         self.restart = Some(exec);
         match result {
-            Err(e) => Ended {
-                outcome: pb::Outcome::Failed,
-                detail: e.to_string(),
-            },
+            Err(e) => Ended::new(pb::Outcome::Failed, e.to_string()),
             Ok(report) => self.restart_outcome(&report, issued, clock),
         }
     }
@@ -1008,21 +992,21 @@ impl Actor {
             issued.elapsed()
         );
         if let Some(step) = report.interrupted {
-            return Ended {
-                outcome: pb::Outcome::Abandoned,
-                detail: format!("{} before {step:?}; {timing}", self.stop_reason(clock)),
-            };
+            return Ended::new(
+                pb::Outcome::Abandoned,
+                format!("{} before {step:?}; {timing}", self.stop_reason(clock)),
+            );
         }
         if report.healthy {
-            Ended {
-                outcome: pb::Outcome::Success,
-                detail: format!("healthy again (pid {:?}); {timing}", report.new_pid),
-            }
+            Ended::new(
+                pb::Outcome::Success,
+                format!("healthy again (pid {:?}); {timing}", report.new_pid),
+            )
         } else {
-            Ended {
-                outcome: pb::Outcome::VerificationFailed,
-                detail: format!("not healthy within its health window; {timing}"),
-            }
+            Ended::new(
+                pb::Outcome::VerificationFailed,
+                format!("not healthy within its health window; {timing}"),
+            )
         }
     }
 

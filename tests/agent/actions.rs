@@ -143,6 +143,29 @@ cooldown = "1s"
     })
 }
 
+/// Crashes the demo service of an agent whose restarted demo never becomes healthy (ready
+/// after 60 s), and waits until the agent has journaled `steps` steps under its lease (health
+/// polls, one per step). Returns the journal's path.
+fn crash_into_a_long_restart(agent: &Agent, demo: SocketAddr, steps: usize) -> std::path::PathBuf {
+    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
+        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
+    });
+    wait_until(
+        "the demo service listening",
+        Duration::from_secs(20),
+        agent,
+        || interlock_tests::agent::listening(demo),
+    );
+    crash_demo(demo);
+    let journal_path = agent.dir().join("actions.journal");
+    agent.wait_for(
+        "health polls under a lease",
+        Duration::from_secs(20),
+        |_| entries(&journal_entries(&journal_path), "step", 0).len() >= steps,
+    );
+    journal_path
+}
+
 fn wait_until(what: &str, within: Duration, agent: &Agent, ok: impl Fn() -> bool) {
     agent.wait_for(what, within, |_| ok());
 }
@@ -402,22 +425,7 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
     let demo = free_addr();
     // Never healthy within the window: the agent keeps polling health (one step per poll).
     let mut agent = demo_agent("sigstop-1", &url, demo, "60s", "");
-    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
-        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
-    });
-    wait_until(
-        "the demo service listening",
-        Duration::from_secs(20),
-        &agent,
-        || interlock_tests::agent::listening(demo),
-    );
-    crash_demo(demo);
-    let journal_path = agent.dir().join("actions.journal");
-    agent.wait_for(
-        "health polls under a lease",
-        Duration::from_secs(20),
-        |_| entries(&journal_entries(&journal_path), "step", 0).len() >= 6,
-    );
+    let journal_path = crash_into_a_long_restart(&agent, demo, 6);
     agent.signal("STOP");
     let token = entries(&journal_entries(&journal_path), "planned", 0)[0]["token"]
         .as_u64()
@@ -661,22 +669,7 @@ fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
     let url = f.coordinator.url();
     let demo = free_addr();
     let mut agent = demo_agent("sigterm-1", &url, demo, "60s", "");
-    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
-        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
-    });
-    wait_until(
-        "the demo service listening",
-        Duration::from_secs(20),
-        &agent,
-        || interlock_tests::agent::listening(demo),
-    );
-    crash_demo(demo);
-    let journal_path = agent.dir().join("actions.journal");
-    agent.wait_for(
-        "health polls under a lease",
-        Duration::from_secs(20),
-        |_| entries(&journal_entries(&journal_path), "step", 0).len() >= 4,
-    );
+    let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let sent = Instant::now();
     let status = agent.terminate(Duration::from_secs(15));
     let took = sent.elapsed();
@@ -711,22 +704,7 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     let url = f.coordinator.url();
     let demo = free_addr();
     let agent = demo_agent("revoke-1", &url, demo, "60s", "");
-    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
-        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
-    });
-    wait_until(
-        "the demo service listening",
-        Duration::from_secs(20),
-        &agent,
-        || interlock_tests::agent::listening(demo),
-    );
-    crash_demo(demo);
-    let journal_path = agent.dir().join("actions.journal");
-    agent.wait_for(
-        "health polls under a lease",
-        Duration::from_secs(20),
-        |_| entries(&journal_entries(&journal_path), "step", 0).len() >= 4,
-    );
+    let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let planned = entries(&journal_entries(&journal_path), "planned", 0);
     let lease_id = planned[0]["lease_id"]
         .as_str()
