@@ -166,6 +166,51 @@ fn crash_into_a_long_restart(agent: &Agent, demo: SocketAddr, steps: usize) -> s
     journal_path
 }
 
+/// The config of an agent that cleans `mount`/logs (old `*.log.N` files) back to 60% free once
+/// the mount is more than half full, keeping the `keep_newest` newest.
+fn cleanup_config(
+    host: &str,
+    url: &str,
+    mount: &Path,
+    keep_newest: u32,
+) -> impl FnOnce(&Path, SocketAddr) -> String {
+    let (host, url, mount) = (host.to_owned(), url.to_owned(), mount.to_owned());
+    move |dir, metrics| {
+        format!(
+            r#"
+host_id = "{host}"
+coordinator = "{url}"
+[labels]
+service = "logs"
+[metrics]
+listen = "{metrics}"
+[watch]
+mounts = ["{m}"]
+[detectors.disk]
+high = 0.5
+low = 0.3
+for = "0s"
+cooldown = "1s"
+[actions]
+journal = "{dir}/actions.journal"
+retry = "300ms"
+cooldown = "1s"
+[cleanup]
+target_free_ratio = 0.6
+max_bytes_per_run = 104857600
+on = ["disk_full"]
+[[cleanup.root]]
+path = "{m}/logs"
+patterns = ["*.log.[0-9]"]
+min_age = "1h"
+keep_newest = {keep_newest}
+"#,
+            m = mount.display(),
+            dir = dir.display(),
+        )
+    }
+}
+
 fn wait_until(what: &str, within: Duration, agent: &Agent, ok: impl Fn() -> bool) {
     agent.wait_for(what, within, |_| ok());
 }
@@ -185,42 +230,7 @@ fn a_full_filesystem_is_cleaned_back_above_target_under_one_token() {
         before < 0.5,
         "the mount must start above the threshold: free {before}"
     );
-    let (m, r, u) = (mount.path().to_owned(), root.clone(), url.clone());
-    let agent = Agent::start(move |dir, metrics| {
-        format!(
-            r#"
-host_id = "clean-1"
-coordinator = "{url}"
-[labels]
-service = "logs"
-[metrics]
-listen = "{metrics}"
-[watch]
-mounts = ["{m}"]
-[detectors.disk]
-high = 0.5
-low = 0.3
-for = "0s"
-cooldown = "10s"
-[actions]
-journal = "{dir}/actions.journal"
-retry = "300ms"
-[cleanup]
-target_free_ratio = 0.6
-max_bytes_per_run = 104857600
-on = ["disk_full"]
-[[cleanup.root]]
-path = "{r}"
-patterns = ["*.log.[0-9]"]
-min_age = "1h"
-keep_newest = 2
-"#,
-            url = u,
-            m = m.display(),
-            r = r.display(),
-            dir = dir.display(),
-        )
-    });
+    let agent = Agent::start(cleanup_config("clean-1", &url, mount.path(), 2));
     let journal_path = agent.dir().join("actions.journal");
     agent.wait_for("a successful cleanup", Duration::from_secs(30), |a| {
         a.metric("interlock_agent_actions_total{class=\"disk_cleanup\",stage=\"success\"}") >= 1.0
@@ -314,40 +324,7 @@ fn an_agent_killed_mid_action_reports_it_interrupted_and_never_resumes_its_token
     let mount = Tmpfs::mount("16m");
     let root = mount.path().join("logs");
     old_logs(&root, "app-", 12, 1 << 20);
-    let (m, r, u) = (mount.path().to_owned(), root.clone(), url.clone());
-    let config = move |dir: &Path, metrics: SocketAddr| {
-        format!(
-            r#"
-host_id = "failpoint-1"
-coordinator = "{u}"
-[labels]
-service = "logs"
-[metrics]
-listen = "{metrics}"
-[watch]
-mounts = ["{m}"]
-[detectors.disk]
-high = 0.5
-low = 0.3
-for = "0s"
-cooldown = "1s"
-[actions]
-journal = "{dir}/actions.journal"
-retry = "300ms"
-cooldown = "1s"
-[cleanup]
-target_free_ratio = 0.6
-max_bytes_per_run = 104857600
-[[cleanup.root]]
-path = "{r}"
-patterns = ["*.log.[0-9]"]
-min_age = "1h"
-"#,
-            m = m.display(),
-            r = r.display(),
-            dir = dir.display(),
-        )
-    };
+    let config = cleanup_config("failpoint-1", &url, mount.path(), 0);
     let mut agent =
         Agent::start_with_env(config, &[("INTERLOCK_AGENT_FAILPOINT", "kill_at_step=3")]);
     let status = agent
