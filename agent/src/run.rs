@@ -486,13 +486,40 @@ impl Observer {
         let host_memory = pressure.meminfo().ok().map(|m| m.total);
         let mut changed = false;
         let mut results = Vec::new();
-        let supervised = self.shared_state().supervised;
+        let shared = self.shared_state();
+        let supervised = &shared.supervised;
+        let crashed: BTreeSet<String> = self
+            .active
+            .keys()
+            .filter(|id| id.starts_with("process_crash/"))
+            .cloned()
+            .collect();
         let mut recovered = Vec::new();
+        let mut gone = Vec::new();
         for w in &mut self.processes {
-            let pid = locate(&w.spec.locator, &supervised);
+            let pid = locate(&w.spec.locator, supervised);
+            let crash_id = format!("process_crash/{}", w.spec.name);
             if pid.is_some() {
                 // Running again: a crash finding about it is over.
-                recovered.push(format!("process_crash/{}", w.spec.name));
+                recovered.push(crash_id.clone());
+            }
+            // Gone without an exit the probe reported (it was not loaded yet, or missed it):
+            // a process this agent saw, or an argv target it started, is not running.
+            let started_by_us = matches!(&w.spec.locator, ProcessLocator::Supervised(n) if supervised.contains_key(n));
+            if pid.is_none()
+                && (w.pid.is_some() || started_by_us)
+                && !shared.acting.contains(&w.spec.name)
+                && !crashed.contains(&crash_id)
+            {
+                tracing::info!(process = w.spec.name, last_pid = ?w.pid, "watched process is gone (no exit event seen)");
+                gone.push(
+                    Finding::new("process_crash", w.spec.name.clone(), now)
+                        .summary(format!(
+                            "{} is not running (its exit was not seen)",
+                            w.spec.name
+                        ))
+                        .evidence("exit_status", -1.0),
+                );
             }
             let mut crash = None;
             if !exits_from_probe && w.pid.is_some() && pid != w.pid {
@@ -529,6 +556,9 @@ impl Observer {
         }
         for id in recovered {
             changed |= self.active.remove(&id).is_some();
+        }
+        for finding in gone {
+            changed |= self.track(finding.id.clone(), true, Some(finding));
         }
         changed
     }

@@ -715,3 +715,57 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     assert_eq!(records(&audit(&url), "revoke", "process_restart").len(), 1);
     println!("revoke mid-action: the agent stopped {stopped_in:?} after the revoke");
 }
+
+#[test]
+fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted() {
+    require_root("the early-crash test (eBPF exit probe)");
+    let f = fleet("action-early-crash", &policy("autonomous", "5s"));
+    let url = f.coordinator.url();
+    let demo = free_addr();
+    let agent_bin = binary("interlock-agent");
+    let u = url.clone();
+    // Exits 200 ms after every start: the first exit comes before the probe is loaded (it
+    // loads in about a second), so only the agent's own poll can see it.
+    let agent = Agent::start(move |dir, metrics| {
+        format!(
+            r#"
+host_id = "early-1"
+coordinator = "{u}"
+[labels]
+service = "demo"
+[metrics]
+listen = "{metrics}"
+[actions]
+journal = "{dir}/actions.journal"
+cooldown = "1s"
+retry = "300ms"
+[[restart.target]]
+name = "demo"
+argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts", "--crash-after", "200ms"]
+tcp = "{demo}"
+health_window = "5s"
+on = ["crash"]
+cooldown = "1s"
+"#,
+            dir = dir.display(),
+            bin = agent_bin.display(),
+        )
+    });
+    let starts = agent.dir().join("starts");
+    agent.wait_for(
+        "a restart after the early exit",
+        Duration::from_secs(30),
+        |_| demo_starts(&starts).len() >= 2,
+    );
+    agent.wait_for("the restart audited", Duration::from_secs(10), |_| {
+        !records(&audit(&url), "grant", "process_restart").is_empty()
+    });
+    assert!(
+        agent
+            .log()
+            .contains("watched process is gone (no exit event seen)")
+            || agent.log().contains("watched process exited"),
+        "{}",
+        agent.log()
+    );
+}

@@ -27,6 +27,8 @@ use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, fresh_prefix, requi
 use serde_json::Value;
 
 const CLASS: &str = "process_restart";
+/// The agent's gauge saying its exit probe (`process_exit`) is attached.
+const PROCESS_PROBE_LOADED: &str = "interlock_agent_probe_loaded{probe=\"process\"}";
 
 /// A policy with only `process_restart`, autonomous, with the cap and budgets the test picks.
 fn restart_policy(cap: u32, fleet_max: u32, host_max: u32, webhook: Option<&str>) -> String {
@@ -139,6 +141,25 @@ cooldown = "1s"
             .iter()
             .filter(|f| f["check"] == check)
             .count()
+    }
+
+    /// Waits (bounded) until the agent's exit probe is attached, and returns when it was seen
+    /// (unix ms). The agent starts its supervised targets before it loads its probes; exits
+    /// before then are only seen by its slower poll.
+    fn wait_exit_probe(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.agent.metric(PROCESS_PROBE_LOADED) == 1.0 {
+                return unix_ms();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the process exit probe did not load within 30 s\n{}",
+                self.host,
+                self.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The last lines of the agent's log, for failure messages.
@@ -325,6 +346,9 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
         context,
     );
     for h in &hosts {
+        // Exits are seen only once the exit probe is attached (a crash before that would go
+        // unnoticed: see `wait_exit_probe`).
+        h.wait_exit_probe();
         assert_eq!(h.starts().len(), 1, "{} started more than once", h.host);
     }
 
@@ -367,7 +391,21 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
             context()
         );
         assert_ne!(starts[0].0, starts[1].0, "{}: the same pid twice", h.host);
-        assert!(demo_healthy(h.demo), "{} is not healthy", h.host);
+        // Healthy within a few polls (a loaded machine can miss one), else a diagnosis.
+        let healthy_by = Instant::now() + Duration::from_secs(5);
+        while !demo_healthy(h.demo) && Instant::now() < healthy_by {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !demo_healthy(h.demo) {
+            let pid = starts[1].0;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let health = interlock_tests::coordinator::http_get(h.demo, "/healthz");
+            panic!(
+                "{} is not healthy after its restart: pid {pid} stat {stat:?}, /healthz {health:?}\n{}",
+                h.host,
+                context()
+            );
+        }
 
         let mine: Vec<&&Value> = grants.iter().filter(|g| g["host"] == h.host).collect();
         assert_eq!(
@@ -534,6 +572,29 @@ fn webhook() -> (String, mpsc::Receiver<String>) {
     (url, rx)
 }
 
+/// How long the flapping service lives after each start: long enough that each restart's
+/// health check passes (so every grant ends in a success), short enough to flap quickly.
+/// (An exit before the agent's exit probe is attached is caught by the agent's own poll; the
+/// `actions` tests cover that path.)
+const FLAP_MS: u64 = 3000;
+
+/// The unix ms of the demo service's first start (bounded wait for its `--starts` line).
+fn wait_first_start(h: &FleetHost) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(&(_, at)) = h.starts().first() {
+            return at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the demo service never started\n{}",
+            h.host,
+            h.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze() {
     require_root("the fleet budget test (eBPF exit probe)");
@@ -549,17 +610,32 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
         .wait_leader(Duration::from_secs(20))
         .expect("leader");
     let url = coordinator.url();
-    // Ready 100 ms after each start (so a restart verifies), dead 700 ms after it.
+    // Ready 100 ms after each start (so a restart verifies), dead FLAP_MS after it.
+    let flap = format!("{FLAP_MS}ms");
     let h = FleetHost::start(
         "flap-1",
         &url,
-        &["--ready-after", "100ms", "--crash-after", "700ms"],
+        &["--ready-after", "100ms", "--crash-after", &flap],
     );
+    // The agent starts the service before it loads its exit probe and misses an exit that
+    // comes first; FLAP_MS leaves the probe time to load. Say so if it came late anyway, so
+    // that a failure below names its cause.
+    let probe_at = h.wait_exit_probe();
+    let first_crash = wait_first_start(&h) + FLAP_MS;
+    let race = if probe_at > first_crash {
+        format!(
+            "NOTE: the exit probe was seen attached {} ms after the first crash was due; the \
+             agent does not notice an exit of a supervised target before its probe is attached",
+            probe_at - first_crash
+        )
+    } else {
+        String::new()
+    };
     let context = || {
         let log = coordinator.log();
         let lines: Vec<&str> = log.lines().collect();
         format!(
-            "{}\n--- coordinator log (last 30 lines)\n{}\nstarts: {:?}",
+            "{}\n--- coordinator log (last 30 lines)\n{}\nstarts: {:?}\n{race}",
             h.log_tail(40),
             lines[lines.len().saturating_sub(30)..].join("\n"),
             h.starts()
@@ -584,6 +660,12 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
         .find(|r| r["detail"]["check"] == "fleet_budget")
         .unwrap_or_else(|| panic!("no fleet_budget denial in {records:#?}"));
     assert_eq!(budget_denial["host"], "flap-1");
+    assert!(
+        budget_denial["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("3 of 3")),
+        "{budget_denial}"
+    );
     assert!(
         of_kind(&records, "alert").next().is_some(),
         "no alert record: {records:#?}"
@@ -683,7 +765,7 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
 
     // The timeline.
     let t0 = starts[0].1;
-    println!("flapping service (crashes 700 ms after each start); t=0 at its first start");
+    println!("flapping service (crashes {FLAP_MS} ms after each start); t=0 at its first start");
     for (i, (pid, at)) in after.iter().enumerate() {
         println!("  start {i}: pid {pid} at {:>7.3}s", secs(t0, *at));
     }
