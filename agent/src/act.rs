@@ -248,6 +248,8 @@ struct Actor {
     metrics: AgentMetrics,
     stop: watch::Receiver<bool>,
     failpoint: Option<u64>,
+    /// Proposals last denied by a full cap: retried with a dry run first.
+    waiting_on_cap: BTreeSet<(ActionClass, String)>,
     /// The observer's current findings (preconditions are checked against them just before
     /// acting, which may be long after the proposal in assist mode).
     findings: watch::Receiver<Vec<Finding>>,
@@ -307,6 +309,7 @@ pub async fn actor_task(
         stop,
         failpoint,
         findings: findings.clone(),
+        waiting_on_cap: BTreeSet::new(),
     };
     actor.start_supervised().await;
     let mut unreported = actor.interrupted();
@@ -504,6 +507,35 @@ impl Actor {
             evidence: truncate(evidence, 4000),
             dry_run: false,
         };
+        // After a cap denial, ask with a dry run first (nothing is written or audited) and for
+        // real only once it would pass, so a waiting host does not add a denial to the audit
+        // at every retry. The real request is still decided, and audited, on its own.
+        let key = (proposal.class, proposal.target.clone());
+        if self.waiting_on_cap.contains(&key) {
+            let probe = pb::AcquireRequest {
+                dry_run: true,
+                ..request.clone()
+            };
+            let would = self
+                .replicas
+                .call(|mut c| {
+                    let r = probe.clone();
+                    async move { c.acquire(r).await }
+                })
+                .await;
+            if let Ok((
+                _,
+                pb::AcquireReply {
+                    outcome: Some(Reply::Denied(d)),
+                    ..
+                },
+            )) = &would
+                && d.check == "cap"
+            {
+                return After::Retry;
+            }
+        }
+        self.waiting_on_cap.remove(&key);
         let sent = Instant::now();
         let reply = self
             .replicas
@@ -534,6 +566,9 @@ impl Actor {
                     reason = d.reason,
                     "lease denied; not acting"
                 );
+                if d.check == "cap" {
+                    self.waiting_on_cap.insert(key);
+                }
                 match d.check.as_str() {
                     "cap" | "already_held" | "unregistered_host" => After::Retry,
                     _ => After::Recorded,
