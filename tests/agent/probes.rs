@@ -709,7 +709,9 @@ fn a_loopback_connection_reports_its_lifecycle_and_its_bytes_on_close() {
         );
         assert!(close.duration > Duration::ZERO, "{close:?}");
         assert!(close.duration < Duration::from_secs(5), "{close:?}");
-        assert_eq!(close.total_retrans, 0, "{close:?}");
+        // Loopback does not lose segments, but on a loaded machine a tail-loss probe can fire
+        // and counts as a retransmission: a sane small count, not necessarily zero.
+        assert!(close.total_retrans < 16, "{close:?}");
     }
     assert_ne!(client_close.cookie, server_close.cookie);
     let counters = set.counters().expect("counters");
