@@ -251,7 +251,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Benchmarks, each a release binary of the tests package that starts what it measures.
-const BENCHES: [&str; 3] = ["coordinator", "agent", "detectors"];
+const BENCHES: [&str; 4] = ["coordinator", "agent", "detectors", "actions"];
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     let name = match args.first().map(String::as_str) {
@@ -266,6 +266,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         ),
     };
     setup::run()?;
+    setup::bench_packages(name)?;
     let object = build_ebpf_object()?;
     run_cmd(
         cargo()

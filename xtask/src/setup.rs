@@ -60,15 +60,55 @@ fn apt_packages() -> anyhow::Result<()> {
         eprintln!("xtask: apt packages present: {}", APT_PACKAGES.join(" "));
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Debian packages only one benchmark needs, installed when it runs rather than by `setup`.
+pub fn bench_packages(bench: &str) -> anyhow::Result<()> {
+    let wanted: &[&str] = match bench {
+        // The restart comparison runs its own foreground monit (never the system service).
+        "actions" => &["monit"],
+        _ => &[],
+    };
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+/// `apt-get install` without starting any service the packages ship: while it runs,
+/// `/usr/sbin/policy-rc.d` answers 101 ("action forbidden", invoke-rc.d(8)) unless the host
+/// already has its own policy, which is then left as it is.
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     require_root(&format!("installing {}", missing.join(" ")))?;
     eprintln!("xtask: installing apt packages: {}", missing.join(" "));
-    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        fs::write(
+            policy,
+            "#!/bin/sh\n# Written by cargo xtask for one apt-get install.\nexit 101\n",
+        )
+        .with_context(|| format!("write {}", policy.display()))?;
+        run_cmd(Command::new("chmod").arg("0755").arg(policy))?;
+    }
+    let result = run_cmd(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    });
+    if ours {
+        let _ = fs::remove_file(policy);
+    }
+    result
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
