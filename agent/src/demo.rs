@@ -74,9 +74,17 @@ enum Request {
 fn handle(mut stream: TcpStream, ready: bool) -> Request {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut buf = [0_u8; 512];
-    let n = stream.read(&mut buf).unwrap_or(0);
-    let line = String::from_utf8_lossy(&buf[..n]);
+    // The whole head, however the client split its writes (bounded by 1 KiB and the 1 s read
+    // timeout): answering a half-read request and exiting would reset the connection.
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0_u8; 256];
+    while head.len() < 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let request = match path {
         "/healthz" => Request::Health,
