@@ -878,7 +878,7 @@ impl Actor {
         };
         let ended = match proposal.class {
             ActionClass::DiskCleanup => self.cleanup(proposal, grant, continue_ok, &clock).await,
-            ActionClass::ProcessRestart => self.restart(proposal, continue_ok, &clock).await,
+            ActionClass::ProcessRestart => self.restart(proposal, grant, continue_ok, &clock).await,
         };
         renewer.abort();
         lock(&self.shared).acting.remove(&proposal.target);
@@ -973,10 +973,15 @@ impl Actor {
     async fn restart(
         &mut self,
         proposal: &Proposal,
+        grant: &Grant,
         mut gate: StepGate,
         clock: &Arc<LeaseClock>,
     ) -> Ended {
         let target = match self.restart_target(&proposal.target) {
+            // Healthy within the safety case's verification window, whatever the target allows.
+            Ok(t) if grant.verification_window > Duration::ZERO => {
+                t.within(grant.verification_window)
+            }
             Ok(t) => t,
             Err(detail) => {
                 return Ended::new(pb::Outcome::Abandoned, detail);

@@ -245,6 +245,13 @@ impl RestartTarget {
     pub fn cooldown(&self) -> Option<Duration> {
         self.cooldown
     }
+    /// The same target with its health window cut to at most `window` (the safety case's
+    /// verification window bounds how long a restart may take to prove itself).
+    pub fn within(&self, window: Duration) -> Self {
+        let mut t = self.clone();
+        t.health_window = t.health_window.min(window);
+        t
+    }
 }
 
 impl RawRestart {
@@ -1351,6 +1358,29 @@ mod tests {
         toml::from_str::<RawRestart>(text)
             .expect("toml")
             .validate("restart")
+    }
+
+    #[test]
+    fn the_verification_window_bounds_the_health_window() {
+        let config = parse(
+            r#"
+            [[target]]
+            name = "web"
+            unit = "nginx.service"
+            tcp = "127.0.0.1:8080"
+            health_window = "45s"
+            "#,
+        )
+        .expect("valid");
+        let web = config.target("web").expect("web");
+        assert_eq!(
+            web.within(Duration::from_secs(10)).health_window(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            web.within(Duration::from_secs(60)).health_window(),
+            Duration::from_secs(45)
+        );
     }
 
     #[test]
