@@ -38,7 +38,7 @@ use crate::actions::cleanup::{self, CleanupConfig, DryRunCleanup, FsCleanup};
 use crate::actions::journal::{Journal, JournalError};
 use crate::actions::restart::{
     DryRunRestart, HostRestart, RestartConfig, RestartExecutor as _, RestartReport, RestartTarget,
-    Systemctl, TargetKind,
+    Supervisor, Systemctl, TargetKind,
 };
 use crate::actions::trigger::{ActionClass, After, Chooser, CleanupRule, Proposal, RestartRule};
 use crate::config::ActionsConfig;
@@ -302,7 +302,13 @@ pub async fn actor_task(
         chooser: Chooser::new(restart_rules, cleanup_rule, actions.retry),
         replicas: Replicas::new(settings.urls.clone()),
         journal: Arc::new(Mutex::new(journal)),
-        restart: Some(HostRestart::new(Systemctl)),
+        restart: Some(HostRestart {
+            systemd: Systemctl,
+            // Next to the journal: which argv instances run, for adoption after a restart.
+            supervisor: Supervisor::with_state(
+                settings.actions.journal.with_extension("supervised"),
+            ),
+        }),
         settings,
         shared,
         metrics,
@@ -400,18 +406,34 @@ impl Actor {
         let Some(mut exec) = self.restart.take() else {
             return;
         };
-        let (exec, started) = tokio::task::spawn_blocking(move || {
+        let (exec, adopted, started, saved) = tokio::task::spawn_blocking(move || {
+            // Instances an earlier run started and that still run are adopted, not doubled.
+            let adopted = exec.supervisor.adopt(&config);
             let mut started = Vec::new();
             for t in config.targets() {
-                if matches!(t.kind(), TargetKind::Supervised(_)) {
+                if matches!(t.kind(), TargetKind::Supervised(_))
+                    && exec.supervisor.pid(t.name()).is_none()
+                {
                     started.push((t.name().to_owned(), exec.supervisor.start(t)));
                 }
             }
-            (exec, started)
+            let saved = exec.supervisor.save();
+            (exec, adopted, started, saved)
         })
         .await
         .unwrap_or_else(|e| panic!("starting supervised targets panicked: {e}"));
         self.restart = Some(exec);
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "cannot record the supervised instances; a restarted agent will not adopt them");
+        }
+        for (name, pid) in adopted {
+            tracing::info!(
+                target = name,
+                pid,
+                "supervised target adopted: an earlier run of the agent started it and it still runs"
+            );
+            lock(&self.shared).supervised.insert(name, pid);
+        }
         for (name, result) in started {
             match result {
                 Ok(pid) => {
@@ -1009,6 +1031,9 @@ impl Actor {
             lock(&self.shared)
                 .supervised
                 .insert(proposal.target.clone(), pid);
+        }
+        if let Err(e) = exec.supervisor.save() {
+            tracing::warn!(error = %e, "cannot record the supervised instances");
         }
         self.restart = Some(exec);
         match result {

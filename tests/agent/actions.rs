@@ -769,3 +769,51 @@ cooldown = "1s"
         agent.log()
     );
 }
+
+#[test]
+fn an_agent_killed_and_started_again_adopts_its_running_service_instead_of_doubling_it() {
+    require_root("the adoption test (eBPF exit probe)");
+    let f = fleet("action-adopt", &policy("autonomous", "5s"));
+    let url = f.coordinator.url();
+    let demo = free_addr();
+    let mut agent = demo_agent("adopt-1", &url, demo, "0s", "");
+    let starts = agent.dir().join("starts");
+    wait_until(
+        "the demo service healthy",
+        Duration::from_secs(20),
+        &agent,
+        || demo_healthy(demo),
+    );
+    let first = demo_starts(&starts);
+    assert_eq!(first.len(), 1);
+    agent.signal("KILL");
+    agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("the agent died of SIGKILL");
+    // Its service runs on without it (its own process group).
+    assert!(demo_healthy(demo), "the service died with the agent");
+
+    agent.restart(&[]);
+    agent.wait_for("the adoption", Duration::from_secs(20), |a| {
+        a.log().contains("supervised target adopted")
+    });
+    agent.wait_for("the process probe", Duration::from_secs(20), |a| {
+        a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(demo_starts(&starts).len(), 1, "a second copy was started");
+    assert!(demo_healthy(demo));
+
+    // The adopted instance is watched and restarted like any other.
+    crash_demo(demo);
+    wait_until("the restart", Duration::from_secs(20), &agent, || {
+        demo_starts(&starts).len() == 2 && demo_healthy(demo)
+    });
+    agent.wait_for("the outcome", Duration::from_secs(10), |_| {
+        records(&audit(&url), "outcome", "process_restart")
+            .iter()
+            .any(|o| o["reason"] == "success")
+    });
+    let second = demo_starts(&starts)[1];
+    assert_ne!(second.0, first[0].0);
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use interlock_agent::actions::restart::{
     HostRestart, Interrupted, RawArgv, RawRestart, RawRestartTarget, RestartExecutor as _,
-    RestartTarget, Stopped, Systemctl,
+    RestartTarget, Stopped, Supervisor, Systemctl,
 };
 
 /// Signal numbers on Linux (this crate does not depend on libc).
@@ -165,4 +165,95 @@ fn refusal_after_stop_keeps_the_process_down() {
     assert_eq!(host.supervisor.pid("demo"), None);
     assert!(gone(old), "old pid {old} still exists");
     assert_eq!(asked, 2, "asked before the stop and before the start");
+}
+
+/// An agent killed while its supervised instance runs: the next run adopts that instance
+/// (same pid, start time and argv) instead of starting a second copy, refuses to adopt it for a
+/// target whose argv differs, and restarts the adopted instance through its pidfd.
+#[test]
+fn a_restarted_agent_adopts_its_running_instance_and_can_restart_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("actions.supervised");
+    let port = free_port();
+    let demo = server(port, false, "5s");
+    let config = RawRestart {
+        target: vec![RawRestartTarget {
+            name: Some("demo".into()),
+            argv: Some(RawArgv::List(match demo.kind() {
+                interlock_agent::actions::restart::TargetKind::Supervised(s) => s.argv.clone(),
+                interlock_agent::actions::restart::TargetKind::Unit(_) => unreachable!(),
+            })),
+            grace: Some("5s".into()),
+            tcp: Some(format!("127.0.0.1:{port}")),
+            health_window: Some("10s".into()),
+            ..RawRestartTarget::default()
+        }],
+    }
+    .validate("restart")
+    .expect("valid");
+
+    let mut first = Supervisor::with_state(state.clone());
+    let pid = first.start(&demo).expect("start");
+    first.save().expect("save state");
+    wait_listening(port);
+    // The agent dies without stopping anything (as SIGKILL would): no Drop runs.
+    std::mem::forget(first);
+
+    // Another target under the same name but another argv is not ours to adopt.
+    let other_port = free_port();
+    let other = server(other_port, false, "5s");
+    let other_config = RawRestart {
+        target: vec![RawRestartTarget {
+            name: Some("demo".into()),
+            argv: Some(RawArgv::List(match other.kind() {
+                interlock_agent::actions::restart::TargetKind::Supervised(s) => s.argv.clone(),
+                interlock_agent::actions::restart::TargetKind::Unit(_) => unreachable!(),
+            })),
+            tcp: Some(format!("127.0.0.1:{other_port}")),
+            ..RawRestartTarget::default()
+        }],
+    }
+    .validate("restart")
+    .expect("valid");
+    assert!(
+        Supervisor::with_state(state.clone())
+            .adopt(&other_config)
+            .is_empty()
+    );
+
+    let mut exec = HostRestart {
+        systemd: Systemctl,
+        supervisor: Supervisor::with_state(state.clone()),
+    };
+    assert_eq!(
+        exec.supervisor.adopt(&config),
+        vec![("demo".to_owned(), pid)]
+    );
+    assert_eq!(exec.supervisor.pid("demo"), Some(pid));
+
+    let target = config.target("demo").expect("allow-listed");
+    let report = exec.restart(target, &mut || true).expect("restart");
+    assert_eq!(report.stopped, Some(Stopped::Signalled), "{report:?}");
+    assert!(report.healthy, "{report:?}");
+    let new_pid = report.new_pid.expect("new pid");
+    assert_ne!(new_pid, pid);
+    // The adopted instance was this test's child all along (the "dead agent"): reap it.
+    let status = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        None,
+    )
+    .expect("reap the old instance");
+    assert!(
+        matches!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGTERM, _)
+        ),
+        "{status:?}"
+    );
+    exec.supervisor.save().expect("save");
+    let recorded = std::fs::read_to_string(&state).expect("state");
+    assert!(
+        recorded.starts_with(&format!("demo {new_pid} ")),
+        "{recorded}"
+    );
 }

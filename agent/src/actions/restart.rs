@@ -10,7 +10,8 @@
 //!
 //! No shell is ever invoked (I7): every process, `systemctl` and health probes included, is
 //! started from an argv with [`Command`]. Signals go through a pidfd opened on our own,
-//! unreaped child, so a recycled pid can never be signalled. Like `cleanup`, this module knows
+//! unreaped child (or, for an instance adopted after an agent restart, opened and then proven
+//! to be the recorded pid, start time and argv), so a recycled pid can never be signalled. Like `cleanup`, this module knows
 //! nothing of leases: the caller passes `continue_ok`, asked before every step. Must not import
 //! tokio, gRPC or the coordinator link.
 
@@ -848,22 +849,148 @@ impl Pidfd {
 // Supervised processes
 // ---------------------------------------------------------------------------------------------
 
-/// A process the agent started and has not reaped.
+/// A process the agent supervises: its own unreaped child, or an instance an earlier run of
+/// the agent started and this one adopted (not its child: init reaps it).
 #[derive(Debug)]
 struct Running {
-    child: Child,
+    child: Option<Child>,
+    pid: u32,
     pidfd: Pidfd,
 }
 
+impl Running {
+    /// `None` while it runs; once it exited, its status when it is our child.
+    fn exited(&mut self) -> io::Result<Option<Option<ExitStatus>>> {
+        match &mut self.child {
+            Some(c) => c.try_wait().map(|s| s.map(Some)),
+            None => self
+                .pidfd
+                .wait_exit(Duration::ZERO)
+                .map(|gone| gone.then_some(None)),
+        }
+    }
+
+    /// Collects the exit status of an exited child (an adopted instance has none for us).
+    fn reap(&mut self) -> io::Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(c) => c.wait().map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The processes the agent supervises, by target name. Dropping it SIGKILLs and reaps them.
+///
+/// With a state file it records `name pid starttime` of each instance (written to a temp file
+/// and renamed), so an agent that was killed and started again adopts the instances still
+/// running instead of starting second copies ([`Supervisor::adopt`]).
 #[derive(Debug, Default)]
 pub struct Supervisor {
     running: BTreeMap<String, Running>,
+    state: Option<std::path::PathBuf>,
+}
+
+/// The start time of a process (clock ticks after boot, `/proc/PID/stat` field 22): with the
+/// pid, it names one process for good.
+fn proc_starttime(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the comm's closing parenthesis start at field 3 (state).
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// A process's argv as `/proc/PID/cmdline` holds it.
+fn proc_argv(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
 }
 
 impl Supervisor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A supervisor that records its instances in `state` (see [`Supervisor::adopt`]).
+    pub fn with_state(state: std::path::PathBuf) -> Self {
+        Self {
+            running: BTreeMap::new(),
+            state: Some(state),
+        }
+    }
+
+    /// Writes the state file (temp file, fsync, rename); errors are returned for logging.
+    pub fn save(&self) -> io::Result<()> {
+        let Some(path) = &self.state else {
+            return Ok(());
+        };
+        let mut text = String::new();
+        for (name, r) in &self.running {
+            if let Some(start) = proc_starttime(r.pid) {
+                text.push_str(&format!("{name} {} {start}\n", r.pid));
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Adopts the instances the state file names that still run: the same pid, the same start
+    /// time and the target's exact argv (so a recycled pid is never taken for ours). The pidfd
+    /// is opened first and checked alive after the checks, so it names the process checked.
+    /// Returns (name, pid) of each adopted instance.
+    pub fn adopt(&mut self, config: &RestartConfig) -> Vec<(String, u32)> {
+        let Some(path) = &self.state else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut adopted = Vec::new();
+        for line in text.lines() {
+            let mut f = line.split(' ');
+            let (Some(name), Some(pid), Some(start)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+                continue;
+            };
+            let Ok(target) = config.target(name) else {
+                continue;
+            };
+            let TargetKind::Supervised(s) = &target.kind else {
+                continue;
+            };
+            if self.running.contains_key(name) {
+                continue;
+            }
+            let Ok(pidfd) = Pidfd::open(pid) else {
+                continue;
+            };
+            let same = proc_starttime(pid) == Some(start)
+                && proc_argv(pid).as_deref() == Some(s.argv.as_slice())
+                && pidfd.wait_exit(Duration::ZERO).ok() == Some(false);
+            if same {
+                self.running.insert(
+                    name.to_owned(),
+                    Running {
+                        child: None,
+                        pid,
+                        pidfd,
+                    },
+                );
+                adopted.push((name.to_owned(), pid));
+            }
+        }
+        adopted
     }
 
     /// Starts a supervised target that is not running; returns its pid.
@@ -875,14 +1002,14 @@ impl Supervisor {
             return Err(RestartError::AlreadyRunning(target.name.clone()));
         }
         let running = spawn(&target.name, s)?;
-        let pid = running.child.id();
+        let pid = running.pid;
         self.running.insert(target.name.clone(), running);
         Ok(pid)
     }
 
     /// The pid of a running target.
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.running.get(name).map(|r| r.child.id())
+        self.running.get(name).map(|r| r.pid)
     }
 
     /// Stops every running target as a restart would (its stop signal, its grace, then
@@ -901,11 +1028,12 @@ impl Supervisor {
             if stop(&mut r, s, &mut || true, &mut report).is_err() {
                 let _ = r.pidfd.send_signal(libc::SIGKILL);
                 if r.pidfd.wait_exit(KILL_WAIT).unwrap_or(false) {
-                    let _ = r.child.wait();
+                    let _ = r.reap();
                 }
             }
             stopped.push(name);
         }
+        let _ = self.save();
         stopped
     }
 }
@@ -915,7 +1043,7 @@ impl Drop for Supervisor {
         for (_, mut r) in std::mem::take(&mut self.running) {
             let _ = r.pidfd.send_signal(libc::SIGKILL);
             if r.pidfd.wait_exit(KILL_WAIT).unwrap_or(false) {
-                let _ = r.child.wait();
+                let _ = r.reap();
             }
         }
     }
@@ -936,7 +1064,11 @@ fn spawn(name: &str, s: &Supervised) -> Result<Running, RestartError> {
         .map_err(spawn_err)?;
     let pid = child.id();
     match Pidfd::open(pid) {
-        Ok(pidfd) => Ok(Running { child, pidfd }),
+        Ok(pidfd) => Ok(Running {
+            child: Some(child),
+            pid,
+            pidfd,
+        }),
         Err(source) => {
             // The child is ours and unreaped, so its pid is still its own.
             let _ = child.kill();
@@ -1169,7 +1301,7 @@ impl<S: SystemdManager> HostRestart<S> {
                 return Ok(report);
             }
             t_stop = Instant::now();
-            let pid = r.child.id();
+            let pid = r.pid;
             match stop(&mut r, s, continue_ok, &mut report) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -1199,7 +1331,7 @@ impl<S: SystemdManager> HostRestart<S> {
             return Ok(report);
         }
         let running = spawn(name, s)?;
-        report.new_pid = Some(running.child.id());
+        report.new_pid = Some(running.pid);
         report.started = true;
         report.stop_to_start = Some(t_stop.elapsed());
         self.supervisor.running.insert(name.clone(), running);
@@ -1209,7 +1341,7 @@ impl<S: SystemdManager> HostRestart<S> {
             supervisor
                 .running
                 .get_mut(name)
-                .is_some_and(|r| matches!(r.child.try_wait(), Ok(None)))
+                .is_some_and(|r| matches!(r.exited(), Ok(None)))
         });
         Ok(report)
     }
@@ -1224,11 +1356,11 @@ impl<S: SystemdManager> HostRestart<S> {
             report.stopped = Some(Stopped::NotRunning);
             return Ok(None);
         };
-        let pid = r.child.id();
-        match r.child.try_wait() {
+        let pid = r.pid;
+        match r.exited() {
             Ok(Some(status)) => {
                 report.stopped = Some(Stopped::AlreadyExited);
-                report.old_exit = Some(status);
+                report.old_exit = status;
                 Ok(None)
             }
             Ok(None) => Ok(Some(r)),
@@ -1286,7 +1418,7 @@ fn stop(
         Err(e) => return Err(StopFailure::Io(e)),
     }
     // The process has exited, so this wait returns at once.
-    report.old_exit = Some(r.child.wait().map_err(StopFailure::Io)?);
+    report.old_exit = r.reap().map_err(StopFailure::Io)?;
     Ok(true)
 }
 
