@@ -38,6 +38,7 @@ use anyhow::{Context as _, bail, ensure};
 use interlock_agent::actions::cleanup::{
     self, CleanupConfig, CleanupExecutor as _, CleanupReport, FsCleanup, RawCleanup, RawCleanupRoot,
 };
+use interlock_agent::actions::journal::Journal;
 use interlock_tests::{Coordinator, CoordinatorOptions, coordinator::binary, require_root};
 use nix::{
     errno::Errno,
@@ -393,6 +394,42 @@ fn run_interlock_cleanup() -> anyhow::Result<Duration> {
     check_report(&report)?;
     let left = remaining(&tree)?;
     ensure!(left == 0, "{left} log files left after the executor ran");
+    Ok(elapsed)
+}
+
+/// The same, with every step journaled as the agent's step gate does (a plan fsynced first,
+/// then one journal line per step) in a journal on the disk under /var/tmp.
+fn run_interlock_cleanup_journaled() -> anyhow::Result<Duration> {
+    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tree = build_tree(tmpfs.path())?;
+    let config = cleanup_config(&tree)?;
+    let dir = tempfile::Builder::new()
+        .prefix("interlock-bench-journal-")
+        .tempdir_in("/var/tmp")?;
+    let mut journal = Journal::open(&dir.path().join("actions.journal"))?;
+    let started = Instant::now();
+    journal.plan("bench", 1, "disk_cleanup", "/bench", json!({}), 0)?;
+    let mut steps = 0_u64;
+    let mut failed = None;
+    let report = cleanup::run(
+        &mut FsCleanup::new(),
+        &config,
+        SystemTime::now(),
+        &mut || {
+            steps += 1;
+            if let Err(e) = journal.step(1, &format!("step {steps}"), 0) {
+                failed = Some(e);
+                return false;
+            }
+            started.elapsed() < DELETE_LIMIT
+        },
+    )?;
+    journal.done(1, "success", 0)?;
+    let elapsed = started.elapsed();
+    if let Some(e) = failed {
+        bail!("journaling a step failed: {e}");
+    }
+    check_report(&report)?;
     Ok(elapsed)
 }
 
@@ -1038,6 +1075,11 @@ fn main() -> anyhow::Result<()> {
         pairs.push((interlock.as_secs_f64(), find.as_secs_f64()));
     }
     let breakdown = cleanup_breakdown()?;
+    let journaled = run_interlock_cleanup_journaled()?;
+    eprintln!(
+        "  one more run with every step journaled: {:.3} s",
+        journaled.as_secs_f64()
+    );
     eprintln!(
         "  breakdown: survey {:.3} s, plan {:.3} s, apply {:.3} s",
         breakdown.survey.as_secs_f64(),
@@ -1149,6 +1191,10 @@ fn main() -> anyhow::Result<()> {
         ),
     );
     row(
+        "A. one more run, every step journaled as the agent does, s",
+        format!("{:.3}", journaled.as_secs_f64()),
+    );
+    row(
         "A. one more run: survey / plan / apply, s",
         format!(
             "{:.3} / {:.3} / {:.3}",
@@ -1225,6 +1271,7 @@ fn main() -> anyhow::Result<()> {
             "find_s": stats_json(find_s),
             "ratio_interlock_over_find": stats_json(ratio),
             "runs": pairs.iter().map(|p| json!({ "interlock_s": p.0, "find_s": p.1 })).collect::<Vec<_>>(),
+            "journaled_run_s": journaled.as_secs_f64(),
             "breakdown_s": {
                 "survey": breakdown.survey.as_secs_f64(),
                 "plan": breakdown.plan.as_secs_f64(),
