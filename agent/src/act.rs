@@ -40,8 +40,10 @@ use crate::actions::restart::{
     DryRunRestart, HostRestart, RestartConfig, RestartExecutor as _, RestartReport, RestartTarget,
     Supervisor, Systemctl, TargetKind,
 };
-use crate::actions::trigger::{ActionClass, After, Chooser, CleanupRule, Proposal, RestartRule};
-use crate::config::ActionsConfig;
+use crate::actions::trigger::{
+    ActionClass, After, Chooser, CleanupRule, Proposal, RestartRule, Trigger,
+};
+use crate::config::{ActionsConfig, ProcessLocator, WatchedProcess};
 use crate::finding::{Finding, Millis};
 use crate::metrics::AgentMetrics;
 use crate::report::{CallError, Replicas};
@@ -63,6 +65,9 @@ const VERIFY_POLL: Duration = Duration::from_millis(200);
 #[derive(Debug, Default)]
 pub struct ActionShared {
     pub supervised: BTreeMap<String, u32>,
+    /// Argv targets the agent could not start (or restart): down, so the observer reports
+    /// them as crashed and the crash trigger retries.
+    pub failed: BTreeSet<String>,
     pub acting: BTreeSet<String>,
 }
 
@@ -150,7 +155,9 @@ impl LeaseClock {
             self.lose("the lease deadline passed before the renewal answered: dead-man stop");
             return;
         }
-        let new = sent + ttl.saturating_sub(margin);
+        let Some(new) = sent.checked_add(ttl.saturating_sub(margin)) else {
+            return;
+        };
         if new > *d {
             *d = new;
         }
@@ -210,6 +217,8 @@ pub struct ActorSettings {
     pub actions: ActionsConfig,
     /// Mount points of the host (to find which mount holds each cleanup root).
     pub mounts: Vec<PathBuf>,
+    /// The watched processes (a restart after a crash first checks the target is still down).
+    pub processes: Vec<WatchedProcess>,
 }
 
 /// The mount point a path lies on: the longest mount that is a prefix of it.
@@ -280,7 +289,7 @@ pub async fn actor_task(
     let restart_rules = actions
         .restart
         .as_ref()
-        .map(|r| restart_rules(r, actions.cooldown))
+        .map(|r| restart_rules(r, actions.cooldown, &settings.processes))
         .unwrap_or_default();
     let cleanup_rule = actions.cleanup.as_ref().map(|c| CleanupRule {
         mounts: c
@@ -360,32 +369,55 @@ pub async fn actor_task(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    // Stop the argv targets the agent runs: their stop signal, their grace, then SIGKILL.
+    // The argv targets the agent runs: left running for the next run to adopt (an agent
+    // rollout restarts nothing without a lease), or stopped with their stop signal and grace.
     if let (Some(mut exec), Some(config)) =
         (actor.restart.take(), actor.settings.actions.restart.clone())
     {
-        let stopped = tokio::task::spawn_blocking(move || exec.supervisor.stop_all(&config)).await;
-        if let Ok(stopped) = stopped
-            && !stopped.is_empty()
-        {
-            tracing::info!(?stopped, "supervised targets stopped");
+        if actor.settings.actions.stop_supervised_on_exit {
+            let stopped =
+                tokio::task::spawn_blocking(move || exec.supervisor.stop_all(&config)).await;
+            if let Ok(stopped) = stopped
+                && !stopped.is_empty()
+            {
+                tracing::info!(
+                    ?stopped,
+                    "supervised targets stopped (on_agent_stop = \"stop\")"
+                );
+            }
+        } else {
+            let kept = exec.supervisor.detach_all();
+            if !kept.is_empty() {
+                tracing::info!(
+                    ?kept,
+                    "supervised targets left running; the next agent run adopts them"
+                );
+            }
         }
     }
     tracing::info!("action task stopped");
 }
 
-fn restart_rules(config: &RestartConfig, default_cooldown: Duration) -> Vec<RestartRule> {
+/// The chooser's view of the restart targets. An OOM kill names its victim by comm, so it
+/// maps to a target only through a `[[watch.process]]` of the target's name that locates it by
+/// that comm (a program name guessed from argv would match unrelated processes).
+fn restart_rules(
+    config: &RestartConfig,
+    default_cooldown: Duration,
+    processes: &[WatchedProcess],
+) -> Vec<RestartRule> {
     config
         .targets()
         .iter()
         .map(|t| RestartRule {
             name: t.name().to_owned(),
-            comm: match t.kind() {
-                TargetKind::Supervised(s) => Path::new(&s.argv[0])
-                    .file_name()
-                    .map(|n| n.to_string_lossy().chars().take(15).collect()),
-                TargetKind::Unit(_) => None,
-            },
+            comm: processes
+                .iter()
+                .find(|w| w.name == t.name())
+                .and_then(|w| match &w.locator {
+                    ProcessLocator::Comm(c) => Some(c.clone()),
+                    _ => None,
+                }),
             on: t.on().clone(),
             cooldown: t.cooldown().unwrap_or(default_cooldown),
         })
@@ -441,7 +473,8 @@ impl Actor {
                     lock(&self.shared).supervised.insert(name, pid);
                 }
                 Err(e) => {
-                    tracing::error!(target = name, error = %e, "supervised target did not start")
+                    tracing::error!(target = name, error = %e, "supervised target did not start; it counts as crashed");
+                    lock(&self.shared).failed.insert(name);
                 }
             }
         }
@@ -636,7 +669,9 @@ impl Actor {
     ) -> After {
         let class = Self::class_name(proposal.class);
         let expires = pending.expires_at_ms.saturating_sub(unix_ms());
-        let deadline = Instant::now() + Duration::from_millis(expires) + APPROVAL_POLL;
+        // Approvals live minutes; an absurd expiry from the wire is capped at a day.
+        let wait = Duration::from_millis(expires).min(Duration::from_secs(86_400));
+        let deadline = Instant::now() + wait + APPROVAL_POLL;
         let request = pb::PollApprovalRequest {
             approval_id: pending.approval_id.clone(),
             host_id: self.settings.host_id.clone(),
@@ -748,12 +783,35 @@ impl Actor {
                 ))
             }
             ActionClass::ProcessRestart => {
+                self.still_down(proposal)?;
                 let target = self.restart_target(&proposal.target)?;
                 let report = DryRunRestart
                     .restart(&target, &mut || true)
                     .map_err(|e| e.to_string())?;
                 Ok(format!("restart {}: {:?}", proposal.target, report.planned))
             }
+        }
+    }
+
+    /// For a crash restart: the target must still be down (it may have come back on its own,
+    /// or a same-named process exited). Checked before asking and again before acting.
+    fn still_down(&self, proposal: &Proposal) -> Result<(), String> {
+        if !matches!(proposal.trigger, Trigger::Crash | Trigger::CrashLoop) {
+            return Ok(());
+        }
+        let supervised = lock(&self.shared).supervised.clone();
+        let running = self
+            .settings
+            .processes
+            .iter()
+            .find(|w| w.name == proposal.target)
+            .and_then(|w| crate::run::locate(&w.locator, &supervised));
+        match running {
+            Some(pid) => Err(format!(
+                "{} is running (pid {pid}): nothing to restart",
+                proposal.target
+            )),
+            None => Ok(()),
         }
     }
 
@@ -807,6 +865,8 @@ impl Actor {
                     proposal.finding_id
                 ),
             )
+        } else if let Err(why) = self.still_down(proposal) {
+            Ended::new(pb::Outcome::Abandoned, format!("precondition gone: {why}"))
         } else {
             self.run_leased(proposal, &grant, sent, plan).await
         };
@@ -858,7 +918,12 @@ impl Actor {
     ) -> Ended {
         let class = Self::class_name(proposal.class);
         let margin = self.settings.actions.lease_margin;
-        let clock = Arc::new(LeaseClock::new(sent + grant.ttl.saturating_sub(margin)));
+        // `act` refused TTLs not above the margin; an absurd TTL from the wire is capped.
+        let allowed = grant
+            .ttl
+            .saturating_sub(margin)
+            .min(Duration::from_secs(86_400));
+        let clock = Arc::new(LeaseClock::new(sent + allowed));
         let plan = serde_json::json!({
             "finding": proposal.finding_id,
             "trigger": proposal.trigger.name(),
@@ -964,7 +1029,7 @@ impl Actor {
         }
         // Verification: free space at or above the target within the window (and the lease).
         let mount = PathBuf::from(&proposal.target);
-        let until = Instant::now() + grant.verification_window;
+        let until = Instant::now() + grant.verification_window.min(Duration::from_secs(86_400));
         // Bounded by the window: each pass sleeps VERIFY_POLL.
         loop {
             let free = free_ratio(&mount).unwrap_or(0.0);
@@ -1027,10 +1092,25 @@ impl Actor {
                 return Ended::new(pb::Outcome::Failed, format!("restart panicked: {e}"));
             }
         };
-        if let Some(pid) = exec.supervisor.pid(&proposal.target) {
-            lock(&self.shared)
-                .supervised
-                .insert(proposal.target.clone(), pid);
+        {
+            let supervised = matches!(
+                self.restart_target(&proposal.target)
+                    .map(|t| t.kind().clone()),
+                Ok(TargetKind::Supervised(_))
+            );
+            let mut shared = lock(&self.shared);
+            match exec.supervisor.pid(&proposal.target) {
+                Some(pid) => {
+                    shared.supervised.insert(proposal.target.clone(), pid);
+                    shared.failed.remove(&proposal.target);
+                }
+                // Not running after the attempt: its old pid must not be taken for it later.
+                None if supervised => {
+                    shared.supervised.remove(&proposal.target);
+                    shared.failed.insert(proposal.target.clone());
+                }
+                None => {}
+            }
         }
         if let Err(e) = exec.supervisor.save() {
             tracing::warn!(error = %e, "cannot record the supervised instances");
@@ -1086,7 +1166,8 @@ impl Actor {
     }
 
     /// Releases the lease with its outcome; a lease that already ended gets a late outcome.
-    /// Returns whether the coordinator recorded it.
+    /// Returns whether the coordinator is done with it: recorded, or refused for good (a
+    /// refusal is logged; retrying the same report cannot help). `false`: unreachable.
     async fn deliver(
         &mut self,
         lease_id: &str,
@@ -1149,6 +1230,15 @@ impl Actor {
                     );
                     return true;
                 }
+                Err(CallError::Rejected(why) | CallError::NotFound(why)) => {
+                    tracing::error!(
+                        lease = lease_id,
+                        token,
+                        why,
+                        "the coordinator refused the outcome; it stays only in the journal"
+                    );
+                    return true;
+                }
                 Err(e) => {
                     tracing::warn!(lease = lease_id, attempt, error = %e, "reporting the outcome failed");
                     if attempt < attempts {
@@ -1169,7 +1259,11 @@ async fn renew_loop(
     clock: Arc<LeaseClock>,
     margin: Duration,
 ) {
-    let every = (grant.ttl / 3).max(Duration::from_millis(100));
+    // A third of the TTL, and at least twice before the local deadline (TTL minus margin), so
+    // one slow renewal does not end the lease.
+    let every = (grant.ttl / 3)
+        .min(grant.ttl.saturating_sub(margin) / 2)
+        .max(Duration::from_millis(100));
     let request = pb::RenewRequest {
         lease_id: grant.lease_id.clone(),
         token: grant.token,

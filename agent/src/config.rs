@@ -59,6 +59,10 @@ pub struct RawActions {
     pub cooldown: Option<String>,
     /// After a denial or an unreachable coordinator, ask again after this (default 2s).
     pub retry: Option<String>,
+    /// What the agent does with the argv targets it supervises when it stops: "keep" (default:
+    /// they run on and the next agent run adopts them, so an agent rollout restarts nothing)
+    /// or "stop" (their stop signal and grace).
+    pub on_agent_stop: Option<String>,
 }
 
 /// How often each kind of reading is taken.
@@ -238,6 +242,8 @@ pub struct ActionsConfig {
     pub lease_margin: Duration,
     pub cooldown: Duration,
     pub retry: Duration,
+    /// Stop the supervised argv targets when the agent stops (else they keep running).
+    pub stop_supervised_on_exit: bool,
     pub cleanup: Option<CleanupConfig>,
     pub restart: Option<RestartConfig>,
 }
@@ -696,6 +702,17 @@ fn validate_actions(
     if retry < Duration::from_millis(100) {
         p.add("actions.retry", "must be at least 100ms");
     }
+    let stop_supervised_on_exit = match raw.on_agent_stop.as_deref() {
+        None | Some("keep") => false,
+        Some("stop") => true,
+        Some(other) => {
+            p.add(
+                "actions.on_agent_stop",
+                format!("{other:?} is not a choice; use \"keep\" or \"stop\""),
+            );
+            false
+        }
+    };
     if !configured {
         return None;
     }
@@ -722,6 +739,7 @@ fn validate_actions(
         lease_margin,
         cooldown,
         retry,
+        stop_supervised_on_exit,
         cleanup,
         restart,
     })

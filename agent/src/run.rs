@@ -133,6 +133,7 @@ pub async fn run(
                     urls: config.coordinator.clone(),
                     actions,
                     mounts,
+                    processes: config.processes.clone(),
                 },
                 journal,
                 findings_tx.subscribe(),
@@ -505,7 +506,8 @@ impl Observer {
             }
             // Gone without an exit the probe reported (it was not loaded yet, or missed it):
             // a process this agent saw, or an argv target it started, is not running.
-            let started_by_us = matches!(&w.spec.locator, ProcessLocator::Supervised(n) if supervised.contains_key(n));
+            let started_by_us = matches!(&w.spec.locator, ProcessLocator::Supervised(n)
+                if supervised.contains_key(n) || shared.failed.contains(n));
             if pid.is_none()
                 && (w.pid.is_some() || started_by_us)
                 && !shared.acting.contains(&w.spec.name)
@@ -571,6 +573,7 @@ impl Observer {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         crate::act::ActionShared {
             supervised: s.supervised.clone(),
+            failed: s.failed.clone(),
             acting: s.acting.clone(),
         }
     }
@@ -584,25 +587,30 @@ impl Observer {
         let mut hits = Vec::new();
         let mut crashes = Vec::new();
         for w in &mut self.processes {
-            let matches = w.pid == Some(pid)
+            // The exact process: the pid last located, the agent's own child, the pidfile's pid.
+            let exact = w.pid == Some(pid)
                 || match &w.spec.locator {
                     ProcessLocator::Supervised(name) => shared.supervised.get(name) == Some(&pid),
-                    ProcessLocator::Comm(c) => c == comm,
                     ProcessLocator::Pidfile(path) => {
                         std::fs::read_to_string(path)
                             .ok()
                             .and_then(|t| t.trim().parse::<u32>().ok())
                             == Some(pid)
                     }
-                    ProcessLocator::Cmdline(_) => false,
+                    ProcessLocator::Comm(_) | ProcessLocator::Cmdline(_) => false,
                 };
-            if matches && shared.acting.contains(&w.spec.name) {
+            // Another process of the same name (a worker, or an instance that died before it
+            // was located): it counts toward a crash loop, but it is not the target going down.
+            let same_name = matches!(&w.spec.locator, ProcessLocator::Comm(c) if c == comm);
+            if (exact || same_name) && shared.acting.contains(&w.spec.name) {
                 // The agent is restarting it: this exit is the agent's own doing.
                 tracing::info!(process = w.spec.name, pid, %exit, "watched process exited during its restart");
-                w.pid = None;
+                if exact {
+                    w.pid = None;
+                }
                 continue;
             }
-            if matches {
+            if exact {
                 tracing::info!(process = w.spec.name, pid, %exit, "watched process exited");
                 crashes.push(
                     Finding::new("process_crash", w.spec.name.clone(), now)
@@ -613,12 +621,16 @@ impl Observer {
                         .evidence("pid", f64::from(pid))
                         .evidence("exit_status", exit.status()),
                 );
+            }
+            if exact || same_name {
                 let finding = w.crash.observe(now, exit);
                 hits.push((
                     format!("crash_loop/{}", w.spec.name),
                     w.crash.is_firing(),
                     finding,
                 ));
+            }
+            if exact {
                 w.pid = None;
             }
         }
@@ -829,7 +841,7 @@ fn spawn_cgroup_trigger(
 }
 
 /// The pid of a watched process now, if it runs (a zombie does not count).
-fn locate(locator: &ProcessLocator, supervised: &BTreeMap<String, u32>) -> Option<u32> {
+pub(crate) fn locate(locator: &ProcessLocator, supervised: &BTreeMap<String, u32>) -> Option<u32> {
     match locator {
         ProcessLocator::Supervised(name) => {
             let pid = *supervised.get(name)?;

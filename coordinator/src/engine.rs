@@ -2260,17 +2260,56 @@ impl Actor {
     }
 
     async fn late_outcome(&mut self, late: LateOutcome) -> Result<(), Result<EngineError, String>> {
-        if self
-            .view
-            .leases
-            .get(&late.lease_id)
-            .is_some_and(|e| e.token == late.token)
-        {
+        if self.view.leases.contains_key(&late.lease_id) {
             return Err(Ok(EngineError::FailedPrecondition(format!(
                 "lease {} is still live: release it with its outcome instead",
                 late.lease_id
             ))));
         }
+        // Only for a grant this host really received (found in the retained audit), with the
+        // grant's class and target; a second report of the same lease's outcome (a release
+        // whose answer was lost, then retried as late) is accepted and not recorded twice.
+        let range = self
+            .inner
+            .store
+            .range_prefix(&self.inner.keys.audit())
+            .await
+            .map_err(|e| Ok(EngineError::Unavailable(format!("store: {e}"))))?;
+        let mut grant = None;
+        let mut reported = false;
+        for kv in &range.kvs {
+            let Ok(r) = serde_json::from_slice::<AuditRecord>(&kv.value) else {
+                continue;
+            };
+            if r.lease_id.as_deref() != Some(late.lease_id.as_str()) {
+                continue;
+            }
+            match r.kind {
+                // A grant's token is its transaction's revision (see `audit`).
+                AuditKind::Grant => {
+                    let token = r.token.or(u64::try_from(kv.create_revision).ok());
+                    if token == Some(late.token) && r.host.as_deref() == Some(late.host.as_str()) {
+                        grant = Some(r);
+                    }
+                }
+                AuditKind::Outcome => reported = true,
+                _ => {}
+            }
+        }
+        let Some(grant) = grant else {
+            return Err(Ok(EngineError::FailedPrecondition(format!(
+                "no grant of lease {} under token {} to host {} in the audit: nothing to report on",
+                late.lease_id, late.token, late.host
+            ))));
+        };
+        if reported {
+            return Ok(());
+        }
+        let late = LateOutcome {
+            class: grant.class.unwrap_or(late.class),
+            target: grant.target.unwrap_or(late.target),
+            ..late
+        };
         let mut d = AuditDraft::new(AuditKind::Outcome, format!("host:{}", late.host));
         d.class = Some(late.class);
         d.host = Some(late.host);

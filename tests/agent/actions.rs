@@ -128,6 +128,7 @@ journal = "{dir}/actions.journal"
 cooldown = "1s"
 retry = "300ms"
 lease_margin = "500ms"
+on_agent_stop = "stop"
 [[restart.target]]
 name = "demo"
 argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts", "--ready-after", "{ready_after}"]
@@ -739,6 +740,7 @@ listen = "{metrics}"
 journal = "{dir}/actions.journal"
 cooldown = "1s"
 retry = "300ms"
+on_agent_stop = "stop"
 [[restart.target]]
 name = "demo"
 argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts", "--crash-after", "200ms"]

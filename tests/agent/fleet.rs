@@ -97,6 +97,7 @@ journal = "{journal}"
 cooldown = "1s"
 retry = "300ms"
 lease_margin = "500ms"
+on_agent_stop = "stop"
 [[restart.target]]
 name = "demo"
 argv = [{argv}]

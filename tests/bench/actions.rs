@@ -837,6 +837,7 @@ journal = {journal}
 lease_margin = "1s"
 cooldown = "1s"
 retry = "500ms"
+on_agent_stop = "stop"
 
 [[restart.target]]
 name = "demo"

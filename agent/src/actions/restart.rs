@@ -1004,12 +1004,25 @@ impl Supervisor {
         let running = spawn(&target.name, s)?;
         let pid = running.pid;
         self.running.insert(target.name.clone(), running);
+        // Recorded at once: an agent killed from here on adopts this instance (a failure to
+        // record shows again, with its error, at the caller's next `save`).
+        let _ = self.save();
         Ok(pid)
     }
 
     /// The pid of a running target.
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.running.get(name).map(|r| r.pid)
+    }
+
+    /// Lets go of every instance without signalling it (after recording them for adoption):
+    /// they run on when the agent exits. Returns the names let go.
+    pub fn detach_all(&mut self) -> Vec<String> {
+        let _ = self.save();
+        let names = self.running.keys().cloned().collect();
+        // Dropping a `Child` neither kills nor waits; the pidfds close.
+        self.running.clear();
+        names
     }
 
     /// Stops every running target as a restart would (its stop signal, its grace, then
@@ -1089,8 +1102,13 @@ fn spawn(name: &str, s: &Supervised) -> Result<Running, RestartError> {
 /// The systemd port. PID 1 is not systemd on the test machines: unit tests use
 /// [`FakeSystemd`].
 pub trait SystemdManager {
+    /// Queues a restart of the unit and returns at once (`--no-block`): the wait for the new
+    /// instance is the health check's, step by step under the lease, never one blocking call.
     fn restart_unit(&mut self, unit: &UnitName) -> Result<(), RestartError>;
     fn unit_active(&mut self, unit: &UnitName) -> Result<bool, RestartError>;
+    /// The unit's current invocation id: a restarted unit has a new one, so the old instance
+    /// is never taken for the new.
+    fn invocation(&mut self, unit: &UnitName) -> Result<String, RestartError>;
 }
 
 /// The real one: `systemctl` run from an argv (no shell), the unit after `--`.
@@ -1100,7 +1118,7 @@ pub struct Systemctl;
 impl SystemdManager for Systemctl {
     fn restart_unit(&mut self, unit: &UnitName) -> Result<(), RestartError> {
         let out = Command::new("systemctl")
-            .args(["restart", "--", unit.as_str()])
+            .args(["restart", "--no-block", "--", unit.as_str()])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| RestartError::Systemctl {
@@ -1119,6 +1137,24 @@ impl SystemdManager for Systemctl {
                 ),
             })
         }
+    }
+
+    fn invocation(&mut self, unit: &UnitName) -> Result<String, RestartError> {
+        let out = Command::new("systemctl")
+            .args([
+                "show",
+                "--property=InvocationID",
+                "--value",
+                "--",
+                unit.as_str(),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| RestartError::Systemctl {
+                unit: unit.0.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     fn unit_active(&mut self, unit: &UnitName) -> Result<bool, RestartError> {
@@ -1162,6 +1198,11 @@ impl SystemdManager for FakeSystemd {
 
     fn unit_active(&mut self, unit: &UnitName) -> Result<bool, RestartError> {
         Ok(self.active.contains(&unit.0))
+    }
+
+    fn invocation(&mut self, unit: &UnitName) -> Result<String, RestartError> {
+        let n = self.restarts.iter().filter(|u| **u == unit.0).count();
+        Ok(format!("{}-{n}", unit.0))
     }
 }
 
@@ -1273,6 +1314,7 @@ impl<S: SystemdManager> HostRestart<S> {
             report.interrupted = Some(Interrupted::Stop);
             return Ok(report);
         }
+        let before = self.systemd.invocation(unit)?;
         let t_stop = Instant::now();
         self.systemd.restart_unit(unit)?;
         report.stopped = Some(Stopped::BySystemd);
@@ -1281,6 +1323,7 @@ impl<S: SystemdManager> HostRestart<S> {
         let systemd = &mut self.systemd;
         poll_health(target, t_stop, &mut report, continue_ok, &mut || {
             systemd.unit_active(unit).unwrap_or(false)
+                && systemd.invocation(unit).is_ok_and(|now| now != before)
         });
         Ok(report)
     }
@@ -1335,6 +1378,8 @@ impl<S: SystemdManager> HostRestart<S> {
         report.started = true;
         report.stop_to_start = Some(t_stop.elapsed());
         self.supervisor.running.insert(name.clone(), running);
+        // Recorded before the health polls: an agent killed during them adopts this instance.
+        let _ = self.supervisor.save();
         let supervisor = &mut self.supervisor;
         poll_health(target, t_stop, &mut report, continue_ok, &mut || {
             // A process that died again is not healthy, whatever answers on its port.

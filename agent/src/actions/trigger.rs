@@ -1,12 +1,18 @@
 //! Which finding becomes which proposal, and when: the pure core of the action loop.
 //!
 //! A finding maps to at most one (action class, target): a full or filling mount that holds a
-//! cleanup root → `disk_cleanup` on that mount; a crash, crash loop, memory leak or OOM kill of
-//! an allow-listed restart target → `process_restart` of it, each only for the triggers its
-//! config enables. [`Chooser`] keeps, per (class, target), when it may be proposed again: a
-//! cooldown after an action, a short retry after a denial or an unreachable coordinator, and
-//! for crash loops an exponential backoff (each restart made while the loop persists doubles
-//! the wait, up to [`MAX_BACKOFF`]; it resets once the loop clears).
+//! cleanup root → `disk_cleanup` on that mount; for an allow-listed restart target, each only
+//! for the triggers its config enables:
+//! - a crash (`process_crash`: the target is down) → `process_restart`, proposed again after
+//!   each cooldown while it stays down; while a `crash_loop` finding is also active the restart
+//!   counts as a crash-loop restart and backs off exponentially (each restart made while the
+//!   loop persists doubles the wait, up to [`MAX_BACKOFF`]; it resets once the loop clears). A
+//!   crash loop alone, with the target running again, restarts nothing.
+//! - a memory leak or an OOM kill (the target may still run) → one restart per onset of the
+//!   finding: those findings stay active for a while after the restart that answered them.
+//!
+//! [`Chooser`] keeps, per (class, target), when it may be proposed again: a cooldown after an
+//! action, a short retry after a denial or an unreachable coordinator, the backoff above.
 //!
 //! Pure: findings and `now` in, a proposal out. No I/O, no clock, no tokio.
 
@@ -137,6 +143,8 @@ pub struct Proposal {
     pub trigger: Trigger,
     pub finding_id: String,
     pub finding_summary: String,
+    /// The finding's onset (detector clock): with the id, it names one occurrence.
+    pub finding_since: Millis,
 }
 
 /// Why a proposal is put off, which sets when it may come again.
@@ -165,6 +173,8 @@ pub struct Chooser {
     cleanup: Option<CleanupRule>,
     retry: Duration,
     state: BTreeMap<(ActionClass, String), TargetState>,
+    /// Onsets (finding id, since) of memory-leak and OOM findings already answered.
+    answered: BTreeSet<(String, Millis)>,
 }
 
 fn ms(d: Duration) -> Millis {
@@ -178,6 +188,7 @@ impl Chooser {
             cleanup,
             retry,
             state: BTreeMap::new(),
+            answered: BTreeSet::new(),
         }
     }
 
@@ -195,12 +206,20 @@ impl Chooser {
                 .restart
                 .iter()
                 .find(|r| {
-                    r.on.contains(&trigger)
-                        && (r.comm.as_deref() == Some(finding.target.as_str())
-                            || r.name == finding.target)
+                    r.on.contains(&trigger) && r.comm.as_deref() == Some(finding.target.as_str())
                 })
                 .map(|r| (ActionClass::ProcessRestart, r.name.clone(), trigger)),
-            Trigger::Crash | Trigger::CrashLoop | Trigger::MemoryLeak => self
+            // A loop only shapes how a down target's crash is answered (see `next`).
+            Trigger::CrashLoop => None,
+            Trigger::Crash => self
+                .restart
+                .iter()
+                .find(|r| {
+                    r.name == finding.target
+                        && (r.on.contains(&Trigger::Crash) || r.on.contains(&Trigger::CrashLoop))
+                })
+                .map(|r| (ActionClass::ProcessRestart, r.name.clone(), trigger)),
+            Trigger::MemoryLeak => self
                 .restart
                 .iter()
                 .find(|r| r.on.contains(&trigger) && r.name == finding.target)
@@ -208,30 +227,62 @@ impl Chooser {
         }
     }
 
+    fn rule(&self, target: &str) -> Option<&RestartRule> {
+        self.restart.iter().find(|r| r.name == target)
+    }
+
     /// The first proposal due at `now` among `findings`, skipping targets in `busy`. A crash
-    /// loop on a target takes precedence over its single crashes (so the backoff governs).
+    /// of a target that is also in a crash loop is a crash-loop restart (so the backoff
+    /// governs), if its config answers loops; otherwise a plain crash restart, if it answers
+    /// crashes.
     pub fn next(
         &mut self,
         findings: &[Finding],
         now: Millis,
         busy: &BTreeSet<String>,
     ) -> Option<Proposal> {
-        let mut candidates: Vec<(&Finding, ActionClass, String, Trigger)> = findings
+        let looping: BTreeSet<&str> = findings
             .iter()
-            .filter_map(|f| self.map(f).map(|(c, t, tr)| (f, c, t, tr)))
-            .collect();
-        let looping: BTreeSet<String> = candidates
-            .iter()
-            .filter(|(_, _, _, tr)| *tr == Trigger::CrashLoop)
-            .map(|(_, _, t, _)| t.clone())
+            .filter(|f| f.detector == Trigger::CrashLoop.detector())
+            .map(|f| f.target.as_str())
             .collect();
         // A crash loop that cleared resets its backoff.
         for ((class, target), state) in &mut self.state {
-            if *class == ActionClass::ProcessRestart && !looping.contains(target) {
+            if *class == ActionClass::ProcessRestart && !looping.contains(target.as_str()) {
                 state.loop_restarts = 0;
             }
         }
-        candidates.retain(|(_, _, t, tr)| *tr == Trigger::CrashLoop || !looping.contains(t));
+        // Answered onsets are forgotten once their finding is gone.
+        self.answered
+            .retain(|(id, since)| findings.iter().any(|f| &f.id == id && f.since == *since));
+        let mut candidates: Vec<(&Finding, ActionClass, String, Trigger)> = Vec::new();
+        for f in findings {
+            let Some((class, target, trigger)) = self.map(f) else {
+                continue;
+            };
+            let trigger = match trigger {
+                Trigger::Crash => {
+                    let Some(rule) = self.rule(&target) else {
+                        continue;
+                    };
+                    if looping.contains(target.as_str()) && rule.on.contains(&Trigger::CrashLoop) {
+                        Trigger::CrashLoop
+                    } else if rule.on.contains(&Trigger::Crash) {
+                        Trigger::Crash
+                    } else {
+                        continue;
+                    }
+                }
+                Trigger::MemoryLeak | Trigger::OomKill => {
+                    if self.answered.contains(&(f.id.clone(), f.since)) {
+                        continue;
+                    }
+                    trigger
+                }
+                other => other,
+            };
+            candidates.push((f, class, target, trigger));
+        }
         candidates.sort_by_key(|(f, c, t, _)| (*c, t.clone(), f.id.clone()));
         candidates
             .into_iter()
@@ -249,6 +300,7 @@ impl Chooser {
                     trigger,
                     finding_id: f.id.clone(),
                     finding_summary: f.summary.clone(),
+                    finding_since: f.since,
                 })
             })
     }
@@ -269,6 +321,12 @@ impl Chooser {
     pub fn done(&mut self, proposal: &Proposal, after: After, now: Millis) -> Millis {
         let cooldown = self.cooldown(proposal.class, &proposal.target);
         let retry = self.retry;
+        if matches!(proposal.trigger, Trigger::MemoryLeak | Trigger::OomKill)
+            && after != After::Retry
+        {
+            self.answered
+                .insert((proposal.finding_id.clone(), proposal.finding_since));
+        }
         let state = self
             .state
             .entry((proposal.class, proposal.target.clone()))
@@ -397,9 +455,40 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_loop_alone_with_the_target_running_restarts_nothing() {
+        let mut c = chooser();
+        // The loop finding stays latched after the restart that answered it.
+        let latched = vec![finding("crash_loop", "web")];
+        assert_eq!(c.next(&latched, 0, &BTreeSet::new()), None);
+    }
+
+    #[test]
+    fn a_memory_leak_or_oom_finding_is_answered_once_per_onset() {
+        let mut c = chooser();
+        let busy = BTreeSet::new();
+        let oom = vec![finding("oom_kill", "web-server")];
+        let p = c.next(&oom, 0, &busy).expect("due");
+        assert_eq!(p.trigger, Trigger::OomKill);
+        c.done(&p, After::Acted, 0);
+        // Held for minutes after the restart: never answered twice.
+        assert_eq!(c.next(&oom, 3_600_000, &busy), None);
+        // A new onset (the finding cleared and fired again) is answered again.
+        let again = vec![Finding::new("oom_kill", "web-server", 5_000)];
+        assert!(c.next(&again, 3_600_000, &busy).is_some());
+        // A denial is not an answer: retried.
+        let leak = vec![finding("memory_leak", "web")];
+        let p = c.next(&leak, 3_600_000, &busy).expect("due");
+        c.done(&p, After::Retry, 3_600_000);
+        assert!(c.next(&leak, 3_601_000, &busy).is_some());
+    }
+
+    #[test]
     fn backoff_is_capped() {
         let mut c = chooser();
-        let looping = vec![finding("crash_loop", "web")];
+        let looping = vec![
+            finding("process_crash", "web"),
+            finding("crash_loop", "web"),
+        ];
         let mut now = 0;
         let mut last = 0;
         for _ in 0..30 {
