@@ -10,6 +10,7 @@ mod durability;
 mod expiry;
 mod failover;
 mod graph;
+mod late_outcome;
 mod modes;
 
 use interlock_tests::{
