@@ -610,8 +610,12 @@ impl Observer {
                 }
                 continue;
             }
+            if exact || same_name {
+                // `exact`: the target itself is down (a crash finding follows); otherwise a
+                // process of its name (a worker, an instance never located) ended.
+                tracing::info!(process = w.spec.name, pid, %exit, exact, "watched process exited");
+            }
             if exact {
-                tracing::info!(process = w.spec.name, pid, %exit, "watched process exited");
                 crashes.push(
                     Finding::new("process_crash", w.spec.name.clone(), now)
                         .summary(format!(
