@@ -807,11 +807,13 @@ impl Actor {
             .find(|w| w.name == proposal.target)
             .and_then(|w| crate::run::locate(&w.locator, &supervised));
         match running {
-            Some(pid) => Err(format!(
+            // The process the crash is about may still be finishing its exit (the probe fires
+            // as it starts exiting): that pid does not count as running.
+            Some(pid) if Some(pid) != proposal.finding_pid => Err(format!(
                 "{} is running (pid {pid}): nothing to restart",
                 proposal.target
             )),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

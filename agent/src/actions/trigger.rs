@@ -145,6 +145,8 @@ pub struct Proposal {
     pub finding_summary: String,
     /// The finding's onset (detector clock): with the id, it names one occurrence.
     pub finding_since: Millis,
+    /// The pid the finding is about, when it names one (a crash: the process that exited).
+    pub finding_pid: Option<u32>,
 }
 
 /// Why a proposal is put off, which sets when it may come again.
@@ -175,6 +177,15 @@ pub struct Chooser {
     state: BTreeMap<(ActionClass, String), TargetState>,
     /// Onsets (finding id, since) of memory-leak and OOM findings already answered.
     answered: BTreeSet<(String, Millis)>,
+}
+
+/// A pid carried as finding evidence (evidence values are f64).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the value is checked to be a whole number in u32's range first"
+)]
+fn evidence_pid(v: f64) -> Option<u32> {
+    (v.is_finite() && v >= 0.0 && v <= f64::from(u32::MAX) && v.fract() == 0.0).then_some(v as u32)
 }
 
 fn ms(d: Duration) -> Millis {
@@ -301,6 +312,7 @@ impl Chooser {
                     finding_id: f.id.clone(),
                     finding_summary: f.summary.clone(),
                     finding_since: f.since,
+                    finding_pid: f.evidence.get("pid").copied().and_then(evidence_pid),
                 })
             })
     }
