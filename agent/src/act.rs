@@ -719,15 +719,7 @@ impl Actor {
                             pb::Outcome::Abandoned,
                             format!("approved lease not renewable before acting: {e}"),
                         );
-                        self.deliver(
-                            &grant.lease_id,
-                            grant.token,
-                            class,
-                            &proposal.target,
-                            &ended,
-                            REPORT_ATTEMPTS,
-                        )
-                        .await;
+                        self.deliver_grant(&grant, proposal, &ended).await;
                         return After::Retry;
                     }
                     return self.act(proposal, grant, sent, plan).await;
@@ -892,15 +884,7 @@ impl Actor {
                 "action did not succeed"
             );
         }
-        self.deliver(
-            &grant.lease_id,
-            grant.token,
-            class,
-            &proposal.target,
-            &ended,
-            REPORT_ATTEMPTS,
-        )
-        .await;
+        self.deliver_grant(&grant, proposal, &ended).await;
         if !grant.approver.is_empty() {
             tracing::info!(
                 approver = grant.approver,
@@ -1165,6 +1149,20 @@ impl Actor {
                 .why()
                 .unwrap_or_else(|| "stopped: the lease no longer allows acting".into())
         }
+    }
+
+    /// [`Actor::deliver`] for a grant this run holds.
+    async fn deliver_grant(&mut self, grant: &Grant, proposal: &Proposal, ended: &Ended) -> bool {
+        let class = Self::class_name(proposal.class);
+        self.deliver(
+            &grant.lease_id,
+            grant.token,
+            class,
+            &proposal.target,
+            ended,
+            REPORT_ATTEMPTS,
+        )
+        .await
     }
 
     /// Releases the lease with its outcome; a lease that already ended gets a late outcome.

@@ -110,10 +110,12 @@ fn entries(journal: &[serde_json::Value], entry: &str, token: u64) -> Vec<serde_
         .collect()
 }
 
-/// The agent config for a supervised demo service on `demo`; `extra` is appended.
-fn demo_agent(host: &str, url: &str, demo: SocketAddr, ready_after: &str, extra: &str) -> Agent {
+/// An agent supervising a demo service on `demo` started with `demo_args` (`--ready-after`,
+/// `--crash-after`, ...); `extra` is appended to its `[[restart.target]]`.
+fn demo_agent(host: &str, url: &str, demo: SocketAddr, demo_args: &[&str], extra: &str) -> Agent {
     let agent_bin = binary("interlock-agent");
     let (host, url, extra) = (host.to_owned(), url.to_owned(), extra.to_owned());
+    let demo_args: String = demo_args.iter().map(|a| format!(", \"{a}\"")).collect();
     Agent::start(move |dir, metrics| {
         format!(
             r#"
@@ -131,7 +133,7 @@ lease_margin = "500ms"
 on_agent_stop = "stop"
 [[restart.target]]
 name = "demo"
-argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts", "--ready-after", "{ready_after}"]
+argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts"{demo_args}]
 http = "http://{demo}/healthz"
 health_window = "20s"
 grace = "2s"
@@ -268,7 +270,7 @@ fn a_crashed_process_is_restarted_and_healthy_with_its_latency_measured() {
     let f = fleet("action-restart", &policy("autonomous", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let agent = demo_agent("restart-1", &url, demo, "200ms", "");
+    let agent = demo_agent("restart-1", &url, demo, &["--ready-after", "200ms"], "");
     let starts = agent.dir().join("starts");
     wait_until(
         "the demo service healthy",
@@ -402,7 +404,7 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
     let url = f.coordinator.url();
     let demo = free_addr();
     // Never healthy within the window: the agent keeps polling health (one step per poll).
-    let mut agent = demo_agent("sigstop-1", &url, demo, "60s", "");
+    let mut agent = demo_agent("sigstop-1", &url, demo, &["--ready-after", "60s"], "");
     let journal_path = crash_into_a_long_restart(&agent, demo, 6);
     agent.signal("STOP");
     let token = entries(&journal_entries(&journal_path), "planned", 0)[0]["token"]
@@ -459,7 +461,13 @@ fn without_a_coordinator_findings_continue_and_nothing_acts() {
     require_root("the no-coordinator test (eBPF exit probe)");
     let closed = free_addr();
     let demo = free_addr();
-    let agent = demo_agent("alone-1", &format!("http://{closed}"), demo, "0s", "");
+    let agent = demo_agent(
+        "alone-1",
+        &format!("http://{closed}"),
+        demo,
+        &["--ready-after", "0s"],
+        "",
+    );
     agent.wait_for("the process probe", Duration::from_secs(20), |a| {
         a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
     });
@@ -564,7 +572,7 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
     let f = fleet("action-modes", &policy("observe", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let agent = demo_agent("modes-1", &url, demo, "0s", "");
+    let agent = demo_agent("modes-1", &url, demo, &["--ready-after", "0s"], "");
     let starts = agent.dir().join("starts");
     agent.wait_for("the process probe", Duration::from_secs(20), |a| {
         a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
@@ -646,7 +654,7 @@ fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
     let f = fleet("action-sigterm", &policy("autonomous", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let mut agent = demo_agent("sigterm-1", &url, demo, "60s", "");
+    let mut agent = demo_agent("sigterm-1", &url, demo, &["--ready-after", "60s"], "");
     let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let sent = Instant::now();
     let status = agent.terminate(Duration::from_secs(15));
@@ -681,7 +689,7 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     let f = fleet("action-revoke", &policy("autonomous", "3s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let agent = demo_agent("revoke-1", &url, demo, "60s", "");
+    let agent = demo_agent("revoke-1", &url, demo, &["--ready-after", "60s"], "");
     let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let planned = entries(&journal_entries(&journal_path), "planned", 0);
     let lease_id = planned[0]["lease_id"]
@@ -723,36 +731,15 @@ fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted
     let f = fleet("action-early-crash", &policy("autonomous", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let agent_bin = binary("interlock-agent");
-    let u = url.clone();
     // Exits 200 ms after every start: the first exit comes before the probe is loaded (it
     // loads in about a second), so only the agent's own poll can see it.
-    let agent = Agent::start(move |dir, metrics| {
-        format!(
-            r#"
-host_id = "early-1"
-coordinator = "{u}"
-[labels]
-service = "demo"
-[metrics]
-listen = "{metrics}"
-[actions]
-journal = "{dir}/actions.journal"
-cooldown = "1s"
-retry = "300ms"
-on_agent_stop = "stop"
-[[restart.target]]
-name = "demo"
-argv = ["{bin}", "demo-service", "--listen", "{demo}", "--starts", "{dir}/starts", "--crash-after", "200ms"]
-tcp = "{demo}"
-health_window = "5s"
-on = ["crash"]
-cooldown = "1s"
-"#,
-            dir = dir.display(),
-            bin = agent_bin.display(),
-        )
-    });
+    let agent = demo_agent(
+        "early-1",
+        &url,
+        demo,
+        &["--crash-after", "200ms"],
+        "on = [\"crash\"]",
+    );
     let starts = agent.dir().join("starts");
     agent.wait_for(
         "a restart after the early exit",
@@ -778,7 +765,7 @@ fn an_agent_killed_and_started_again_adopts_its_running_service_instead_of_doubl
     let f = fleet("action-adopt", &policy("autonomous", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    let mut agent = demo_agent("adopt-1", &url, demo, "0s", "");
+    let mut agent = demo_agent("adopt-1", &url, demo, &["--ready-after", "0s"], "");
     let starts = agent.dir().join("starts");
     wait_until(
         "the demo service healthy",
