@@ -47,6 +47,7 @@ use crate::config::{ActionsConfig, ProcessLocator, WatchedProcess};
 use crate::finding::{Finding, Millis};
 use crate::metrics::AgentMetrics;
 use crate::report::{CallError, Replicas};
+use crate::run::unix_ms;
 
 /// Environment variable naming a failpoint, for fault tests: `kill_at_step=N` makes the agent
 /// SIGKILL itself when step N of an action has been journaled and before it runs.
@@ -77,14 +78,6 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, ActionShared> {
     shared
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn unix_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| {
-            Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
-        })
 }
 
 /// The live state of one lease, shared by the action thread and the renewal task.
@@ -624,10 +617,7 @@ impl Actor {
                 if d.check == "cap" {
                     self.waiting_on_cap.insert(key);
                 }
-                match d.check.as_str() {
-                    "cap" | "already_held" | "unregistered_host" => After::Retry,
-                    _ => After::Recorded,
-                }
+                After::for_denial(&d.check)
             }
             Some(Reply::Observed(o)) => {
                 self.metrics.action(class, "observed");
@@ -733,11 +723,7 @@ impl Actor {
                         reason = d.reason,
                         "approval refused or expired; not acting"
                     );
-                    return if d.check == "expired" {
-                        After::Retry
-                    } else {
-                        After::Recorded
-                    };
+                    return After::for_unapproved(&d.check);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "polling the approval failed; polling on"),

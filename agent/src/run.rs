@@ -211,7 +211,8 @@ struct Observer {
     shared: Shared,
 }
 
-fn unix_ms() -> u64 {
+/// Unix time in milliseconds (wire and journal times).
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -849,10 +850,7 @@ pub(crate) fn locate(locator: &ProcessLocator, supervised: &BTreeMap<String, u32
     match locator {
         ProcessLocator::Supervised(name) => {
             let pid = *supervised.get(name)?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The state follows the comm's closing parenthesis.
-            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-            (state != "Z" && state != "X").then_some(pid)
+            crate::pressure::read_proc_stat(pid)?.alive().then_some(pid)
         }
         ProcessLocator::Pidfile(path) => {
             let pid: u32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;

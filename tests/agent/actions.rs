@@ -412,7 +412,6 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
         .expect("token");
     let steps_at_stop = entries(&journal_entries(&journal_path), "step", token).len();
     // Past the 2 s TTL: the coordinator lets the lease expire (the fault really took effect).
-    let stopped = Instant::now();
     agent.wait_for(
         "the lease to expire at the coordinator",
         Duration::from_secs(15),
@@ -422,7 +421,6 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
                 .any(|e| e["token"].as_u64() == Some(token))
         },
     );
-    assert!(stopped.elapsed() >= Duration::from_secs(1));
     agent.signal("CONT");
     agent.wait_for("the abandoned outcome", Duration::from_secs(15), |_| {
         !entries(&journal_entries(&journal_path), "done", token).is_empty()
@@ -731,13 +729,13 @@ fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted
     let f = fleet("action-early-crash", &policy("autonomous", "5s"));
     let url = f.coordinator.url();
     let demo = free_addr();
-    // Exits 200 ms after every start: the first exit comes before the probe is loaded (it
-    // loads in about a second), so only the agent's own poll can see it.
+    // Exits right after every start: the first exit comes milliseconds after the agent starts
+    // it, long before the exit probe is loaded (0.3-1 s), so only the agent's own poll sees it.
     let agent = demo_agent(
         "early-1",
         &url,
         demo,
-        &["--crash-after", "200ms"],
+        &["--crash-after", "0s"],
         "on = [\"crash\"]",
     );
     let starts = agent.dir().join("starts");
@@ -749,11 +747,11 @@ fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted
     agent.wait_for("the restart audited", Duration::from_secs(10), |_| {
         !records(&audit(&url), "grant", "process_restart").is_empty()
     });
+    // The path this test is about: the first exit was caught by the poll, not the probe.
     assert!(
         agent
             .log()
-            .contains("watched process is gone (no exit event seen)")
-            || agent.log().contains("watched process exited"),
+            .contains("watched process is gone (no exit event seen)"),
         "{}",
         agent.log()
     );

@@ -21,8 +21,8 @@
 
 use std::{
     fs::{DirBuilder, File},
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -39,7 +39,9 @@ use interlock_agent::actions::cleanup::{
     self, CleanupConfig, CleanupExecutor as _, CleanupReport, FsCleanup, RawCleanup, RawCleanupRoot,
 };
 use interlock_agent::actions::journal::Journal;
-use interlock_tests::{Coordinator, CoordinatorOptions, coordinator::binary, require_root};
+use interlock_tests::agent::{Tmpfs, free_addr};
+use interlock_tests::coordinator::{binary, http_get};
+use interlock_tests::{Coordinator, CoordinatorOptions, require_root};
 use nix::{
     errno::Errno,
     sys::{
@@ -149,46 +151,6 @@ fn phase(k: usize) -> Duration {
 
 // ------------------------------------------------------------------------------------ guards
 
-/// A tmpfs (mode 0755, so the cleanup root inside is not under a world-writable directory)
-/// mounted on a fresh temp dir, unmounted (lazily, so a busy mount cannot leak) on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("interlock-bench-actions-")
-            .tempdir()?;
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .context("run mount")?;
-        ensure!(status.success(), "mount -t tmpfs failed: {status}");
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// A child this bench started directly: SIGTERM on drop, SIGKILL after `grace`, always reaped.
 struct ChildGuard {
     child: Child,
@@ -287,32 +249,6 @@ impl Drop for Reaper {
     }
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// A plain HTTP/1.0 GET against loopback: (status code, body). The request goes out in one
-/// write: the demo service reads once, and a request split over two segments could leave
-/// unread bytes behind when it exits after `/crash`, which turns its close into a reset.
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_nodelay(true)?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
-    let mut text = String::new();
-    s.take(1 << 20).read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
 // ---------------------------------------------------------------------------------- part A
 
 /// Builds the tree under `mount/logs` and the ballast beside it; returns the tree's root.
@@ -380,7 +316,7 @@ fn cleanup_config(tree: &Path) -> anyhow::Result<CleanupConfig> {
 
 /// One fresh tree deleted by Interlock's executor: the time of `cleanup::run` alone.
 fn run_interlock_cleanup() -> anyhow::Result<Duration> {
-    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tmpfs = Tmpfs::try_mount(TMPFS_SIZE)?;
     let tree = build_tree(tmpfs.path())?;
     let config = cleanup_config(&tree)?;
     let started = Instant::now();
@@ -400,7 +336,7 @@ fn run_interlock_cleanup() -> anyhow::Result<Duration> {
 /// The same, with every step journaled as the agent's step gate does (a plan fsynced first,
 /// then one journal line per step) in a journal on the disk under /var/tmp.
 fn run_interlock_cleanup_journaled() -> anyhow::Result<Duration> {
-    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tmpfs = Tmpfs::try_mount(TMPFS_SIZE)?;
     let tree = build_tree(tmpfs.path())?;
     let config = cleanup_config(&tree)?;
     let dir = tempfile::Builder::new()
@@ -447,7 +383,7 @@ fn check_report(report: &CleanupReport) -> anyhow::Result<()> {
 
 /// One fresh tree deleted by `find -delete`: the time from spawn to exit.
 fn run_find() -> anyhow::Result<Duration> {
-    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tmpfs = Tmpfs::try_mount(TMPFS_SIZE)?;
     let tree = build_tree(tmpfs.path())?;
     let started = Instant::now();
     let mut child = Command::new("find")
@@ -483,7 +419,7 @@ struct Breakdown {
 }
 
 fn cleanup_breakdown() -> anyhow::Result<Breakdown> {
-    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tmpfs = Tmpfs::try_mount(TMPFS_SIZE)?;
     let tree = build_tree(tmpfs.path())?;
     let config = cleanup_config(&tree)?;
     let mut executor = FsCleanup::new();
@@ -523,7 +459,7 @@ struct Demo {
 impl Demo {
     fn new(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
-            addr: free_addr()?,
+            addr: free_addr(),
             starts: dir.join("starts"),
         })
     }
@@ -868,7 +804,7 @@ fn interlock_available(agent: &Path) -> anyhow::Result<Result<(), String>> {
             dir.path(),
             &demo,
             agent,
-            free_addr()?,
+            free_addr(),
         )?,
     )?;
     let out = Command::new(agent)
@@ -945,7 +881,7 @@ fn interlock_session(
         .prefix("interlock-bench-agent-")
         .tempdir()?;
     let demo = Demo::new(dir.path())?;
-    let metrics = free_addr()?;
+    let metrics = free_addr();
     let path = dir.path().join("agent.toml");
     std::fs::write(
         &path,

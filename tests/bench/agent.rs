@@ -36,6 +36,7 @@ use interlock_agent::{
 };
 use interlock_agent_common::TcpStateEvent;
 use interlock_tests::{
+    agent::Tmpfs,
     coordinator::{binary, http_get},
     require_root,
 };
@@ -212,41 +213,6 @@ fn tcp_workload(total: u64, rate: Option<f64>, limit: Duration) -> anyhow::Resul
 }
 
 // ------------------------------------------------------------------------------- guards
-
-/// A tmpfs mounted on a fresh temp dir, unmounted (lazily, so a busy mount cannot leak) on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("interlock-bench-tmpfs-")
-            .tempdir()?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .context("run mount")?;
-        if !status.success() {
-            bail!("mount -t tmpfs failed: {status}");
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// A child this bench started, SIGKILLed and reaped on drop.
 struct ChildGuard(Child);
@@ -737,7 +703,7 @@ fn main() -> anyhow::Result<()> {
         "bench agent: {runs} alternating runs of {conns} loopback connections per side, agent {}",
         agent_binary.display()
     );
-    let tmpfs = Tmpfs::mount(TMPFS_SIZE)?;
+    let tmpfs = Tmpfs::try_mount(TMPFS_SIZE)?;
 
     // Part 2 first, with no agent attached: the in-process probe set alone.
     let (steps, decoded, queued) = drop_search()?;

@@ -36,18 +36,25 @@ pub fn signal(pid: u32, name: &str) {
         .status();
 }
 
-/// A tmpfs mounted on a fresh temp dir, unmounted (lazily, so a busy mount cannot leak) on drop.
+/// A tmpfs (mode 0755, so a cleanup root inside is not under a world-writable directory)
+/// mounted on a fresh temp dir, unmounted (lazily, so a busy mount cannot leak) on drop. Tests
+/// and benchmarks share it.
 #[derive(Debug)]
 pub struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
 impl Tmpfs {
+    /// Mounts one of `size` (e.g. "16m"), or panics saying why (for tests).
     pub fn mount(size: &str) -> Self {
+        Self::try_mount(size).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Mounts one of `size`, or says why not (for benchmarks).
+    pub fn try_mount(size: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
-            .prefix("interlock-agent-tmpfs-")
-            .tempdir()
-            .expect("temp dir");
+            .prefix("interlock-tmpfs-")
+            .tempdir()?;
         let status = Command::new("mount")
             .args([
                 "-t",
@@ -58,9 +65,9 @@ impl Tmpfs {
             ])
             .arg(dir.path())
             .status()
-            .expect("run mount");
-        assert!(status.success(), "mount -t tmpfs failed: {status}");
-        Self { dir }
+            .map_err(|e| anyhow::anyhow!("run mount(8): {e}"))?;
+        anyhow::ensure!(status.success(), "mount -t tmpfs failed: {status}");
+        Ok(Self { dir })
     }
 
     pub fn path(&self) -> &Path {

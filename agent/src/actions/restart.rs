@@ -890,17 +890,9 @@ pub struct Supervisor {
     state: Option<std::path::PathBuf>,
 }
 
-/// The start time of a process (clock ticks after boot, `/proc/PID/stat` field 22): with the
-/// pid, it names one process for good.
+/// The start time of a process (clock ticks after boot): with the pid, it names one process.
 fn proc_starttime(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the comm's closing parenthesis start at field 3 (state).
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    crate::pressure::read_proc_stat(pid).map(|s| s.starttime)
 }
 
 /// A process's argv as `/proc/PID/cmdline` holds it.

@@ -161,6 +161,28 @@ pub enum After {
     Retry,
 }
 
+impl After {
+    /// What a denial naming admission check `check` means for the proposal: a full cap, a
+    /// lease still held or a registration not yet seen pass soon (retry); a freeze, a budget
+    /// or a kill switch wait for an operator (the cooldown, so the audit is not flooded).
+    pub fn for_denial(check: &str) -> Self {
+        match check {
+            "cap" | "already_held" | "unregistered_host" => Self::Retry,
+            _ => Self::Recorded,
+        }
+    }
+
+    /// What an approval that did not end in a grant means: an expired one is asked again soon,
+    /// a rejected one waits for the cooldown.
+    pub fn for_unapproved(check: &str) -> Self {
+        if check == "expired" {
+            Self::Retry
+        } else {
+            Self::Recorded
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct TargetState {
     not_before: Millis,
@@ -492,6 +514,24 @@ mod tests {
         let p = c.next(&leak, 3_600_000, &busy).expect("due");
         c.done(&p, After::Retry, 3_600_000);
         assert!(c.next(&leak, 3_601_000, &busy).is_some());
+    }
+
+    #[test]
+    fn denials_that_pass_soon_are_retried_and_the_rest_wait_for_the_cooldown() {
+        for check in ["cap", "already_held", "unregistered_host"] {
+            assert_eq!(After::for_denial(check), After::Retry, "{check}");
+        }
+        for check in [
+            "frozen",
+            "kill_switch",
+            "fleet_budget",
+            "host_budget",
+            "host_blocked",
+        ] {
+            assert_eq!(After::for_denial(check), After::Recorded, "{check}");
+        }
+        assert_eq!(After::for_unapproved("expired"), After::Retry);
+        assert_eq!(After::for_unapproved("rejected"), After::Recorded);
     }
 
     #[test]

@@ -198,3 +198,54 @@ VmRSS:\t    1752 kB\nRssAnon:\t     112 kB\nRssFile:\t    1640 kB\nThreads:\t1\n
         assert_eq!(read_process_rss_at(&dir, Pid(1)).unwrap(), None);
     }
 }
+
+/// The fields of `/proc/PID/stat` the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// `R`, `S`, `D`, `Z` (zombie), `X` (dead), ...
+    pub state: char,
+    /// Start time in clock ticks after boot: with the pid, it names one process for good.
+    pub starttime: u64,
+}
+
+impl ProcStat {
+    /// Running in the sense of not yet exited (a zombie has exited, it only awaits its parent).
+    pub fn alive(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the text of `/proc/PID/stat`. The comm (field 2) may hold spaces and parentheses,
+/// so the fields are counted from its last `)`.
+pub fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state (field 3), the start time is field 22.
+    let starttime = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { state, starttime })
+}
+
+/// `/proc/PID/stat` of a live (or zombie) process; `None` once it is gone.
+pub fn read_proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis_of_the_comm() {
+        let text = "4242 (we ird) (x)) Z 1 4242 4242 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 1 0 \
+                    987654 1000000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        assert_eq!(
+            parse_proc_stat(text),
+            Some(ProcStat {
+                state: 'Z',
+                starttime: 987_654
+            })
+        );
+        assert!(!parse_proc_stat(text).expect("parsed").alive());
+        assert_eq!(parse_proc_stat("12 (short) R 1"), None);
+    }
+}

@@ -26,7 +26,7 @@ pub use cgroup::{
     read_cgroup_memory, read_process_cgroups,
 };
 pub use disk::{DiskReport, DiskUsage, FsStats, MountEntry, MountFilter, SkippedMount, read_disks};
-pub use memory::{MemInfo, Pid, read_meminfo, read_process_rss};
+pub use memory::{MemInfo, Pid, ProcStat, read_meminfo, read_proc_stat, read_process_rss};
 pub use psi::{
     Psi, PsiEvent, PsiLine, PsiResource, PsiTrigger, PsiTriggerSpec, StallKind, read_cgroup_psi,
     read_system_psi,
