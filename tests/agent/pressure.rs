@@ -30,10 +30,12 @@ struct ChildGuard {
 impl ChildGuard {
     /// Runs a Python program that reads its go-ahead from stdin and reports on stdout.
     fn python(program: &str) -> Self {
-        let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("python3 is needed to make memory pressure; install Debian's python3");
+        // Debian's python3, which setup installs (`setup --verify` proves where it came from).
+        let python = "/usr/bin/python3";
+        assert!(
+            Path::new(python).exists(),
+            "{python} is needed to make memory pressure; run `cargo xtask setup`"
+        );
         let mut child = Command::new(python)
             .arg("-c")
             .arg(program)

@@ -1,7 +1,11 @@
-//! `cargo xtask setup`: installs every prerequisite, idempotently, and says what it installs.
+//! `cargo xtask setup [--verify]`: installs every prerequisite, idempotently, and says what it
+//! installs; `--verify` proves each one came from a step of setup (see `verify`).
 //!
 //! Each step checks first and does nothing when the prerequisite is already there, so a second
-//! run takes a second or two.
+//! run takes a second or two. What is installed is listed once, in `manifest`.
+
+mod manifest;
+pub mod verify;
 
 use std::{
     env, fs,
@@ -12,18 +16,16 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::run_cmd;
+use manifest::BPF_LINKER_VERSION;
 
-/// Debian packages: etcd for the store and the tests, protoc for tonic/etcd-client code
-/// generation, iproute2/iptables for network-namespace fault tests.
-const APT_PACKAGES: [&str; 5] = [
-    "etcd-server",
-    "etcd-client",
-    "protobuf-compiler",
-    "iproute2",
-    "iptables",
-];
-/// bpf-linker version that links against the nightly's LLVM 22 (../shared/TOOLCHAIN.md).
-const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask setup [--verify]`.
+pub fn command(args: &[String]) -> anyhow::Result<()> {
+    match args {
+        [] => run(),
+        [flag] if flag == "--verify" => verify::run(),
+        _ => bail!("usage: cargo xtask setup [--verify]"),
+    }
+}
 
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
@@ -51,32 +53,20 @@ pub fn require_root(why: &str) -> anyhow::Result<()> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|pkg| !dpkg_installed(pkg))
-        .collect();
-    if missing.is_empty() {
-        eprintln!("xtask: apt packages present: {}", APT_PACKAGES.join(" "));
-        return Ok(());
-    }
-    apt_install(&missing)
-}
-
-/// Debian packages only one benchmark needs, installed when it runs rather than by `setup`.
-pub fn bench_packages(bench: &str) -> anyhow::Result<()> {
-    let wanted: &[&str] = match bench {
-        // The restart comparison runs its own foreground monit (never the system service).
-        "actions" => &["monit"],
-        _ => &[],
-    };
+    let wanted = manifest::apt_names();
     let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
     if missing.is_empty() {
+        eprintln!("xtask: apt packages present: {}", wanted.join(" "));
         return Ok(());
+    }
+    for pkg in manifest::APT_PACKAGES {
+        if missing.contains(&pkg.name) {
+            eprintln!("xtask: will install {}: {}", pkg.name, pkg.why);
+        }
     }
     apt_install(&missing)
 }
@@ -119,36 +109,46 @@ fn dpkg_installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Adds each rustup component in the manifest that its toolchain lacks. "Present" means what
+/// `--verify` checks: rustup lists it as installed, not merely that its files exist.
 fn rust_components() -> anyhow::Result<()> {
-    let sysroot = nightly_sysroot()?;
-    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        eprintln!("xtask: rust-src for nightly present");
-    } else {
-        eprintln!("xtask: installing rust-src for nightly");
+    nightly_sysroot()?;
+    for (toolchain, component, why) in manifest::RUST_COMPONENTS {
+        if installed_components(toolchain)?
+            .iter()
+            .any(|c| c == component || c.starts_with(&format!("{component}-")))
+        {
+            eprintln!("xtask: rustup component {component} ({toolchain}) present");
+            continue;
+        }
+        eprintln!("xtask: adding rustup component {component} ({toolchain}): {why}");
         run_cmd(Command::new("rustup").args([
             "component",
             "add",
-            "rust-src",
+            component,
             "--toolchain",
-            "nightly",
+            toolchain,
         ]))?;
     }
-    let has = |tool: &str| {
-        Command::new("cargo")
-            .args([tool, "--version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
-        if has(tool) {
-            eprintln!("xtask: {component} present");
-        } else {
-            eprintln!("xtask: installing {component}");
-            run_cmd(Command::new("rustup").args(["component", "add", component]))?;
-        }
-    }
     Ok(())
+}
+
+/// `rustup component list --installed --toolchain T`, one name a line.
+pub(super) fn installed_components(toolchain: &str) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .context("cannot run rustup")?;
+    if !out.status.success() {
+        bail!(
+            "the {toolchain} toolchain is missing (rustup: {}); it is part of the machine image",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .collect())
 }
 
 /// The nightly toolchain is part of the machine image; setup adds components to it but never
@@ -168,7 +168,7 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
 }
 
 /// The LLVM major version of nightly rustc, from `rustc +nightly -vV` ("LLVM version: 22.1.4").
-fn nightly_llvm_major() -> anyhow::Result<String> {
+pub(super) fn nightly_llvm_major() -> anyhow::Result<String> {
     let out = Command::new("rustc").args(["+nightly", "-vV"]).output()?;
     let text = String::from_utf8(out.stdout)?;
     text.lines()
@@ -240,15 +240,19 @@ fn llvm_prefix_dir() -> anyhow::Result<PathBuf> {
     Ok(Path::new(&home).join(".cache/interlock/llvm"))
 }
 
+/// Whether `/proc/mounts` text has `fstype` mounted at `target`.
+pub(super) fn is_mounted(proc_mounts: &str, fstype: &str, target: &str) -> bool {
+    proc_mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty) = (f.next(), f.next(), f.next());
+        dir == Some(target) && ty == Some(fstype)
+    })
+}
+
 fn mounts() -> anyhow::Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for (fstype, target) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
-        let mounted = mounts.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, ty) = (f.next(), f.next(), f.next());
-            dir == Some(target) && ty == Some(fstype)
-        });
-        if mounted {
+    for (fstype, target) in manifest::MOUNTS {
+        if is_mounted(&mounts, fstype, target) {
             eprintln!("xtask: {fstype} mounted at {target}");
             continue;
         }
