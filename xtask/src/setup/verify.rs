@@ -295,7 +295,7 @@ pub fn locate(program: Program, path_env: &OsString) -> Located {
         Locate::Path(name) => {
             let dirs: Vec<PathBuf> = env::split_paths(path_env).collect();
             let found = dirs.iter().map(|d| d.join(name)).find(|p| is_executable(p));
-            (found, format!("PATH={}", path_env.to_string_lossy()))
+            (found, "in any PATH directory".to_owned())
         }
     };
     Located {
@@ -677,20 +677,34 @@ pub fn check_linker_inputs(
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("main.c");
     fs::write(&src, "int main(void) { return 0; }\n")?;
+    // Compile first, then link the object: the compiler's own temporaries would otherwise
+    // show up among the linker's inputs.
+    let object = tmp.path().join("main.o");
+    let compiled = Command::new(&cc_path)
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&object)
+        .output()
+        .context("cannot run cc")?;
     let mut cmd = Command::new(&cc_path);
     cmd.arg("-o")
         .arg(tmp.path().join("a.out"))
-        .arg(&src)
+        .arg(&object)
         .arg("-Wl,--trace");
     for lib in manifest::LINK_LIBS {
         cmd.arg(format!("-l{lib}"));
     }
-    let out = cmd.output().context("cannot run cc")?;
+    let out = if compiled.status.success() {
+        cmd.output().context("cannot run cc")?
+    } else {
+        compiled
+    };
     if !out.status.success() {
         return Ok(vec![Verdict::failed(
             "linker inputs",
             format!(
-                "cc cannot link a trivial program: {}",
+                "cc cannot build a trivial program: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
         )]);
@@ -770,8 +784,8 @@ pub fn judge_bpf_linker(tool: &CargoTool) -> Verdict {
     let Some(found) = found else {
         return Verdict::failed(
             subject,
-            "not found on PATH: run `cargo xtask setup` (it installs bpf-linker with cargo install \
-             and puts $CARGO_HOME/bin first on PATH for the build)",
+            "not found on PATH: run `cargo xtask setup` (it installs bpf-linker into \
+             $CARGO_HOME/bin with cargo install; that directory must be on PATH)",
         );
     };
     if cargo_bin.as_deref() != found.parent() {
