@@ -8,6 +8,7 @@
 //! It is pure: it takes the file's text, never a path, and must not import tokio, the
 //! filesystem, etcd, gRPC, or the `admission` and `audit` modules (they depend on this one).
 
+use crate::identity::{Access, Role};
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -267,6 +268,8 @@ pub struct Policy {
     pub alert_webhook: Option<String>,
     pub approval_ttl: Duration,
     pub classes: BTreeMap<ClassName, ClassPolicy>,
+    /// Who may do what on the operator API (with TLS).
+    pub access: Access,
 }
 
 impl Policy {
@@ -420,6 +423,20 @@ struct RawPolicy {
     approval_ttl: Option<String>,
     #[serde(default)]
     classes: BTreeMap<String, RawClass>,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+/// `[access]`: operator roles (`[access.operators] alice = "admin"`) and a deny list of
+/// identities (`deny = ["operator:mallory", "host:web-9"]`). Only used with TLS: without it
+/// nobody is verified, so nobody has a role to check.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    operators: BTreeMap<String, String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -497,7 +514,9 @@ fn validate_policy(raw: RawPolicy, problems: &mut Problems) -> Option<Policy> {
         alert_webhook,
         approval_ttl,
         classes,
+        access,
     } = raw;
+    let access = validate_access(access, problems);
 
     let name = match name {
         None => {
@@ -586,9 +605,59 @@ fn validate_policy(raw: RawPolicy, problems: &mut Problems) -> Option<Policy> {
             alert_webhook,
             approval_ttl,
             classes: valid_classes,
+            access,
         }),
         _ => None,
     }
+}
+
+fn validate_access(raw: RawAccess, problems: &mut Problems) -> Access {
+    let RawAccess { operators, deny } = raw;
+    let mut access = Access::default();
+    for (name, role) in operators {
+        let path = format!("access.operators.{name}");
+        let valid_name = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid_name {
+            problems.push(
+                &path,
+                "an operator name is 1-253 characters of letters, digits, '.', '_' or '-'",
+            );
+            continue;
+        }
+        match role.as_str() {
+            "viewer" => access.operators.insert(name, Role::Viewer),
+            "approver" => access.operators.insert(name, Role::Approver),
+            "operator" => access.operators.insert(name, Role::Operator),
+            "admin" => access.operators.insert(name, Role::Admin),
+            other => {
+                problems.push(
+                    &path,
+                    format!(
+                        "unknown role {other:?}; use \"viewer\", \"approver\", \"operator\" or \"admin\""
+                    ),
+                );
+                None
+            }
+        };
+    }
+    for (i, who) in deny.into_iter().enumerate() {
+        let ok = who
+            .split_once(':')
+            .is_some_and(|(kind, name)| matches!(kind, "host" | "operator") && !name.is_empty());
+        if ok {
+            access.deny.insert(who);
+        } else {
+            problems.push(
+                &format!("access.deny[{i}]"),
+                format!("{who:?} is not an identity; write \"host:<id>\" or \"operator:<name>\""),
+            );
+        }
+    }
+    access
 }
 
 fn valid_policy_name(name: &str) -> bool {

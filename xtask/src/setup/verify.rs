@@ -569,8 +569,10 @@ fn protos_under(dir: &Path) -> Vec<PathBuf> {
 /// Parses a make-style dependency file (`out: a.proto \` newline `b.proto`).
 pub fn parse_dependency_file(text: &str) -> Vec<String> {
     let body = text.split_once(": ").map_or(text, |(_, deps)| deps);
+    // protoc writes `a.proto\` (no space) before a line break as well as a lone `\`.
     body.split_whitespace()
-        .filter(|w| *w != "\\")
+        .map(|w| w.strip_suffix('\\').unwrap_or(w))
+        .filter(|w| !w.is_empty())
         .map(str::to_owned)
         .collect()
 }
@@ -602,40 +604,43 @@ pub fn check_protoc_includes(
             ));
             continue;
         }
-        let deps = tmp.path().join(format!("deps-{i}"));
-        let out = Command::new(&protoc_path)
-            .arg(format!("--proto_path={}", proto_root.display()))
-            .arg(format!("--dependency_out={}", deps.display()))
-            .arg(format!(
-                "--descriptor_set_out={}",
-                tmp.path().join("set").display()
-            ))
-            .args(&files)
-            .current_dir(proto_root)
-            .output()
-            .context("cannot run protoc")?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let hint = if stderr.contains("google/protobuf/") {
-                " (the well-known google/protobuf/*.proto come with Debian's `libprotobuf-dev`)"
-            } else {
-                ""
-            };
-            verdicts.push(Verdict::failed(
-                format!("protoc includes of {}", proto_root.display()),
-                format!("protoc cannot compile them: {}{hint}", stderr.trim()),
-            ));
-            continue;
-        }
-        let text = fs::read_to_string(&deps)?;
-        for dep in parse_dependency_file(&text) {
-            let path = if Path::new(&dep).is_absolute() {
-                PathBuf::from(&dep)
-            } else {
-                proto_root.join(&dep)
-            };
-            if !is_own_source(&path) {
-                system.insert(path);
+        // protoc accepts one input file per run when asked for a dependency file.
+        for (j, file) in files.iter().enumerate() {
+            let deps = tmp.path().join(format!("deps-{i}-{j}"));
+            let out = Command::new(&protoc_path)
+                .arg(format!("--proto_path={}", proto_root.display()))
+                .arg(format!("--dependency_out={}", deps.display()))
+                .arg(format!(
+                    "--descriptor_set_out={}",
+                    tmp.path().join("set").display()
+                ))
+                .arg(file)
+                .current_dir(proto_root)
+                .output()
+                .context("cannot run protoc")?;
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let hint = if stderr.contains("google/protobuf/") {
+                    " (the well-known google/protobuf/*.proto come with Debian's `libprotobuf-dev`)"
+                } else {
+                    ""
+                };
+                verdicts.push(Verdict::failed(
+                    format!("protoc includes of {}", file.display()),
+                    format!("protoc cannot compile it: {}{hint}", stderr.trim()),
+                ));
+                continue;
+            }
+            let text = fs::read_to_string(&deps)?;
+            for dep in parse_dependency_file(&text) {
+                let path = if Path::new(&dep).is_absolute() {
+                    PathBuf::from(&dep)
+                } else {
+                    proto_root.join(&dep)
+                };
+                if !is_own_source(&path) {
+                    system.insert(path);
+                }
             }
         }
     }

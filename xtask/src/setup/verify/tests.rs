@@ -234,6 +234,16 @@ fn dependency_files_and_linker_traces_are_parsed() {
             "/usr/include/google/protobuf/any.proto".to_owned()
         ]
     );
+    // protoc's own spelling: the continuation backslash glued to the file name.
+    let glued = "set: a.proto\\\n /usr/include/google/protobuf/struct.proto\\\n b.proto\n";
+    assert_eq!(
+        parse_dependency_file(glued),
+        vec![
+            "a.proto".to_owned(),
+            "/usr/include/google/protobuf/struct.proto".to_owned(),
+            "b.proto".to_owned()
+        ]
+    );
     let trace = "/usr/bin/ld: mode elf_x86_64\n\
                  /usr/lib/gcc/x86_64-linux-gnu/12/../../../x86_64-linux-gnu/Scrt1.o\n\
                  /tmp/ccX.o\n\
