@@ -22,6 +22,7 @@ async fn a_client_pings_the_coordinator_and_bad_input_is_refused() {
         election_ttl: Duration::from_secs(2),
         failpoint_pause_before_grant_commit: None,
         audit_retention: 100_000,
+        security: interlock_coordinator::tls::Security::Insecure,
     };
     let server = tokio::spawn(serve::run(options, listener, None, async {
         let _ = stopped.await;

@@ -47,6 +47,8 @@ pub enum AuditKind {
     Expired,
     PolicyLoad,
     Alert,
+    /// A call refused because of who made it (I9); the owner is the presented identity.
+    Refused,
 }
 
 impl AuditKind {
@@ -69,6 +71,7 @@ impl AuditKind {
             AuditKind::Expired => "expired",
             AuditKind::PolicyLoad => "policy_load",
             AuditKind::Alert => "alert",
+            AuditKind::Refused => "refused",
         }
     }
 }

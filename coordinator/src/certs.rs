@@ -38,7 +38,9 @@ pub enum CertsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} already exists; remove it first if you mean to replace it (a CA or key is never overwritten)")]
+    #[error(
+        "{0} already exists; remove it first if you mean to replace it (a CA or key is never overwritten)"
+    )]
     Exists(PathBuf),
     #[error("{0} is not a certificate directory: run `interlock certs init {0}` first")]
     NoCa(PathBuf),
@@ -70,6 +72,20 @@ impl Validity {
             not_before: now - Duration::from_secs(3600),
             not_after: now + Duration::from_secs(u64::from(days) * 86_400),
         }
+    }
+}
+
+impl Validity {
+    /// An explicit window in unix seconds (tests issue expired certificates with it).
+    pub fn from_unix(not_before: i64, not_after: i64) -> Result<Self, CertsError> {
+        let at = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|e| CertsError::Invalid(format!("time {t}: {e}")))
+        };
+        Ok(Self {
+            not_before: at(not_before)?,
+            not_after: at(not_after)?,
+        })
     }
 }
 
@@ -137,7 +153,10 @@ fn issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertsError> {
     }
     let key_pem = fs::read_to_string(&key).map_err(io(&key))?;
     let cert_pem = fs::read_to_string(&cert).map_err(io(&cert))?;
-    Ok(Issuer::from_ca_cert_pem(&cert_pem, KeyPair::from_pem(&key_pem)?)?)
+    Ok(Issuer::from_ca_cert_pem(
+        &cert_pem,
+        KeyPair::from_pem(&key_pem)?,
+    )?)
 }
 
 /// Issues (or re-issues) the coordinator's certificate in DIR.
@@ -155,9 +174,13 @@ pub fn issue_coordinator(
     for name in server_names {
         match name.parse::<IpAddr>() {
             Ok(ip) => sans.push(SanType::IpAddress(ip)),
-            Err(_) => sans.push(SanType::DnsName(name.as_str().try_into().map_err(|_| {
-                CertsError::Invalid(format!("server name {name:?} is not a DNS name or IP address"))
-            })?)),
+            Err(_) => sans.push(SanType::DnsName(name.as_str().try_into().map_err(
+                |_| {
+                    CertsError::Invalid(format!(
+                        "server name {name:?} is not a DNS name or IP address"
+                    ))
+                },
+            )?)),
         }
     }
     let out = Issued {

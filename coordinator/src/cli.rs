@@ -17,13 +17,14 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::builder::NonEmptyStringValueParser;
+use interlock_proto::tls::TlsFiles;
 use interlock_proto::v1::{
     self as pb, acquire_reply, agent_client::AgentClient, coordinator_client::CoordinatorClient,
     operator_client::OperatorClient,
 };
 use serde_json::{Value, json};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 /// The metadata key that carries the operator's name on every request the CLI sends.
@@ -71,6 +72,16 @@ pub struct ClientArgs {
         global = true
     )]
     pub operator: String,
+    /// The CA that signed the coordinator's certificate (PEM); with --cert and --key, the CLI
+    /// speaks mutual TLS and `https://` URLs are required.
+    #[arg(long, value_name = "FILE", env = "INTERLOCK_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Your operator certificate (`interlock certs issue operator NAME`): who you are.
+    #[arg(long, value_name = "FILE", env = "INTERLOCK_CERT", global = true)]
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key (mode 0600).
+    #[arg(long, value_name = "FILE", env = "INTERLOCK_KEY", global = true)]
+    pub key: Option<std::path::PathBuf>,
     /// How to print the answer.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
@@ -340,6 +351,9 @@ fn operator_or_unknown(user: Option<String>) -> String {
 /// What went wrong talking to the coordinator, each saying what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The TLS files are missing, unreadable, or incomplete.
+    #[error("{0}")]
+    Tls(String),
     /// No replica accepted a connection.
     #[error(
         "cannot reach the coordinator at {urls}: is `interlock serve` running? set --coordinator \
@@ -467,6 +481,8 @@ fn error_chain(error: &dyn StdError) -> String {
 struct Replicas {
     urls: Vec<String>,
     operator: AsciiMetadataValue,
+    /// Mutual TLS, when --ca/--cert/--key are given.
+    tls: Option<ClientTlsConfig>,
     /// Reused so `--watch` does not reconnect every second.
     preferred: Option<(String, Channel)>,
 }
@@ -478,7 +494,11 @@ enum Attempt {
 }
 
 impl Replicas {
-    fn new(urls: &[String], operator: &str) -> Result<Self, CliError> {
+    fn new(
+        urls: &[String],
+        operator: &str,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Self, CliError> {
         let operator = AsciiMetadataValue::try_from(operator)
             .map_err(|_| CliError::BadOperator(operator.to_owned()))?;
         let urls: Vec<String> = urls
@@ -494,11 +514,12 @@ impl Replicas {
         }
         // A malformed URL is the operator's to fix; say so now rather than skip it silently.
         for url in &urls {
-            endpoint(url)?;
+            endpoint(url, tls.as_ref())?;
         }
         Ok(Replicas {
             urls,
             operator,
+            tls,
             preferred: None,
         })
     }
@@ -525,7 +546,7 @@ impl Replicas {
         for (url, channel) in candidates {
             let channel = match channel {
                 Some(channel) => channel,
-                None => match connect(&url).await {
+                None => match connect(&url, self.tls.as_ref()).await {
                     Ok(channel) => channel,
                     Err(cause) => {
                         attempts.push((url, Attempt::Unreachable(cause)));
@@ -544,7 +565,7 @@ impl Replicas {
             let redirect = redirect_target(&url, &status);
             attempts.push((url, Attempt::Unavailable(status.message().to_owned())));
             let Some(leader) = redirect else { continue };
-            let channel = match connect(&leader).await {
+            let channel = match connect(&leader, self.tls.as_ref()).await {
                 Ok(channel) => channel,
                 Err(cause) => {
                     attempts.push((leader, Attempt::Unreachable(cause)));
@@ -591,17 +612,33 @@ fn exhausted(attempts: &[(String, Attempt)]) -> CliError {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, CliError> {
-    Endpoint::from_shared(url.to_owned())
+/// An endpoint for one replica. The scheme must match the security: `https://` with a client
+/// certificate, `http://` without (never silently plaintext when TLS was asked for).
+fn endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, CliError> {
+    let bad = |cause: &str| CliError::BadUrl {
+        url: url.to_owned(),
+        cause: cause.to_owned(),
+    };
+    let endpoint = Endpoint::from_shared(url.to_owned())
         .map(|e| e.connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT))
-        .map_err(|e| CliError::BadUrl {
-            url: url.to_owned(),
-            cause: error_chain(&e),
-        })
+        .map_err(|e| bad(&error_chain(&e)))?;
+    match (url.starts_with("https://"), tls) {
+        (true, Some(tls)) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| bad(&error_chain(&e))),
+        (true, None) => Err(bad(
+            "https:// needs your certificate: give --ca, --cert and --key (or INTERLOCK_CA, \
+             INTERLOCK_CERT, INTERLOCK_KEY)",
+        )),
+        (false, Some(_)) => Err(bad(
+            "--cert is given but the URL is not https://: use https:// so the certificate is used",
+        )),
+        (false, None) => Ok(endpoint),
+    }
 }
 
-async fn connect(url: &str) -> Result<Channel, String> {
-    let endpoint = endpoint(url).map_err(|e| e.to_string())?;
+async fn connect(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
+    let endpoint = endpoint(url, tls).map_err(|e| e.to_string())?;
     // connect_timeout bounds the TCP connect; this also bounds the HTTP/2 handshake.
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
@@ -650,8 +687,29 @@ pub async fn run(args: &ClientArgs, cmd: OperatorCommand) -> anyhow::Result<Exit
     }
 }
 
+/// The CLI's mutual-TLS config from --ca/--cert/--key: all three or none.
+fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
+    match (&args.ca, &args.cert, &args.key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }
+        .client_config()
+        .map(Some)
+        .map_err(|e| CliError::Tls(e.to_string())),
+        _ => Err(CliError::Tls(
+            "give all of --ca, --cert and --key (or INTERLOCK_CA, INTERLOCK_CERT, INTERLOCK_KEY), \
+             or none of them"
+                .to_owned(),
+        )),
+    }
+}
+
 async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, CliError> {
-    let mut replicas = Replicas::new(&args.coordinators, &args.operator)?;
+    let tls = client_tls(args)?;
+    let mut replicas = Replicas::new(&args.coordinators, &args.operator, tls)?;
     let format = args.output;
     match cmd {
         OperatorCommand::Status => {
@@ -945,7 +1003,7 @@ async fn ping(replicas: &Replicas, format: OutputFormat) -> Result<ExitCode, Cli
     let caller = replicas.operator.to_str().unwrap_or("unknown").to_owned();
     let mut rows: Vec<(String, Result<pb::PingReply, String>)> = Vec::new();
     for url in &replicas.urls {
-        let answer = match connect(url).await {
+        let answer = match connect(url, replicas.tls.as_ref()).await {
             Ok(channel) => {
                 let request = with_operator(
                     &replicas.operator,

@@ -220,6 +220,13 @@ enum Cmd {
         late: LateOutcome,
         reply: Reply<()>,
     },
+    /// A call refused because of its caller's identity, to be audited.
+    Refused {
+        owner: String,
+        check: String,
+        reason: String,
+        reply: Reply<()>,
+    },
     /// A key under the prefix was deleted (a lease ran out, a host stopped heartbeating).
     Deleted {
         key: String,
@@ -747,6 +754,23 @@ impl Engine {
             ));
         }
         self.send(|reply| Cmd::LateOutcome { late, reply }).await
+    }
+
+    /// Audits a call refused because of who made it; `owner` is the identity presented.
+    pub async fn refused(
+        &self,
+        owner: String,
+        check: &str,
+        reason: String,
+    ) -> Result<(), EngineError> {
+        let check = check.to_owned();
+        self.send(|reply| Cmd::Refused {
+            owner,
+            check,
+            reason,
+            reply,
+        })
+        .await
     }
 
     pub async fn revoke(
@@ -2252,6 +2276,20 @@ impl Actor {
             }
             Cmd::LateOutcome { late, reply } => {
                 let r = self.late_outcome(late).await;
+                self.finish(r, reply)
+            }
+            Cmd::Refused {
+                owner,
+                check,
+                reason,
+                reply,
+            } => {
+                let mut tx = TxnBuilder::default();
+                let mut d = AuditDraft::new(AuditKind::Refused, owner);
+                d.reason = Some(reason);
+                d.detail = json!({"check": check});
+                tx.drafts.push(d);
+                let r = self.commit_or(tx, now_ms()).await.map(|_| ());
                 self.finish(r, reply)
             }
             Cmd::Deleted { key, revision } => self.deleted(&key, revision).await,

@@ -7,8 +7,8 @@
 pub mod admission;
 pub mod alert;
 pub mod audit;
-pub mod cli;
 pub mod certs;
+pub mod cli;
 pub mod engine;
 pub mod identity;
 pub mod metrics;

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use interlock_coordinator::{
     cli::{self, ClientArgs, OperatorCommand},
     serve::{self, ServeOptions, StoreChoice},
+    tls::{self, Security},
 };
+use interlock_proto::tls::TlsFiles;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run a coordinator replica.
     Serve(ServeArgs),
+    /// Make a CA and issue certificates for the coordinator, hosts and operators.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     #[command(flatten)]
     Operator(OperatorCommand),
 }
@@ -63,6 +68,141 @@ struct ServeArgs {
     /// Audit records kept in the store (at least 100); the oldest are deleted beyond that.
     #[arg(long, default_value_t = 100_000)]
     audit_retention: u64,
+    /// The CA that signs every host's and operator's certificate (PEM).
+    #[arg(long, value_name = "FILE", required_unless_present = "insecure")]
+    ca: Option<PathBuf>,
+    /// This coordinator's certificate (PEM; `interlock certs init` writes coordinator.pem).
+    #[arg(long, value_name = "FILE", required_unless_present = "insecure")]
+    cert: Option<PathBuf>,
+    /// Its private key (mode 0600).
+    #[arg(long, value_name = "FILE", required_unless_present = "insecure")]
+    key: Option<PathBuf>,
+    /// The trust domain of identities (`spiffe://DOMAIN/host/ID`); default: the
+    /// `trust-domain` file beside --ca, else "interlock".
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Serve plaintext and trust the identities requests claim. For trying things out only:
+    /// logs a warning at start and shows in `interlock status`.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
+    insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create DIR with a new CA (ca.pem, ca.key) and the coordinator's certificate.
+    Init {
+        dir: PathBuf,
+        /// Trust domain written into every identity.
+        #[arg(long, default_value = interlock_coordinator::certs::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// More names (DNS or IP) for the coordinator's certificate besides localhost and
+        /// 127.0.0.1; repeat for each replica's address.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+    },
+    /// Issue a certificate signed by DIR's CA.
+    #[command(subcommand)]
+    Issue(IssueCommand),
+}
+
+#[derive(Subcommand)]
+enum IssueCommand {
+    /// An agent's certificate, binding its host id.
+    Host {
+        host: String,
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = interlock_coordinator::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// An operator's certificate; the role is granted in the policy's [access.operators].
+    Operator {
+        name: String,
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = interlock_coordinator::certs::DEFAULT_DAYS)]
+        days: u32,
+        /// The role to grant (printed as the policy line to add): viewer, approver, operator, admin.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+    },
+    /// Re-issue the coordinator's certificate (e.g. with more --server-name).
+    Coordinator {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        #[arg(long, default_value_t = interlock_coordinator::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+}
+
+fn certs_cmd(command: CertsCommand) -> anyhow::Result<()> {
+    use interlock_coordinator::{
+        certs::{self, Validity},
+        identity::Identity,
+    };
+    match command {
+        CertsCommand::Init {
+            dir,
+            trust_domain,
+            server_names,
+        } => {
+            let issued = certs::init(&dir, &trust_domain, &server_names)?;
+            println!(
+                "CA {} (key {}, 0600); coordinator certificate {} (key {})",
+                dir.join("ca.pem").display(),
+                dir.join("ca.key").display(),
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+        CertsCommand::Issue(IssueCommand::Host { host, dir, days }) => {
+            let issued = certs::issue(
+                &dir,
+                &Identity::Host(host.clone()),
+                Validity::from_now(days),
+            )?;
+            println!(
+                "host:{host}: {} (key {}, 0600); name them in the agent's [coordinator] ca/cert/key",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+        CertsCommand::Issue(IssueCommand::Operator {
+            name,
+            dir,
+            days,
+            role,
+        }) => {
+            if !matches!(role.as_str(), "viewer" | "approver" | "operator" | "admin") {
+                anyhow::bail!("unknown role {role:?}; use viewer, approver, operator or admin");
+            }
+            let issued = certs::issue(
+                &dir,
+                &Identity::Operator(name.clone()),
+                Validity::from_now(days),
+            )?;
+            println!(
+                "operator:{name}: {} (key {}, 0600)\ngrant the role in the policy:\n  [access.operators]\n  {name} = \"{role}\"",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+        CertsCommand::Issue(IssueCommand::Coordinator {
+            dir,
+            server_names,
+            days,
+        }) => {
+            let issued = certs::issue_coordinator(&dir, &server_names, Validity::from_now(days))?;
+            println!(
+                "coordinator: {} (key {})",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -83,6 +223,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve_cmd(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Certs(command) => certs_cmd(command).map(|()| ExitCode::SUCCESS),
             Command::Operator(command) => cli::run(&cli.client, command).await,
         }
     });
@@ -95,7 +236,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Mutual TLS from the flags (every file checked now), or `--insecure`.
+fn security(args: &ServeArgs) -> anyhow::Result<Security> {
+    if args.insecure {
+        return Ok(Security::Insecure);
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&args.ca, &args.cert, &args.key) else {
+        anyhow::bail!("give --ca, --cert and --key (see `interlock certs init`), or --insecure");
+    };
+    let trust_domain = match &args.trust_domain {
+        Some(td) => td.clone(),
+        None => ca
+            .parent()
+            .and_then(|d| interlock_coordinator::certs::trust_domain(d).ok())
+            .unwrap_or_else(|| interlock_coordinator::certs::DEFAULT_TRUST_DOMAIN.to_owned()),
+    };
+    let files = TlsFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    Ok(tls::server_security(&files, &trust_domain)?)
+}
+
 async fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
+    let security = security(&args)?;
     let policy_text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("cannot read the policy file {}", args.config.display()))?;
     let grpc = tokio::net::TcpListener::bind(&args.listen)
@@ -138,6 +303,7 @@ async fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
         election_ttl: args.election_ttl,
         failpoint_pause_before_grant_commit: failpoint,
         audit_retention: args.audit_retention,
+        security,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

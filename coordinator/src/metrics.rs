@@ -63,6 +63,9 @@ pub const ADMISSION_BATCH_SIZE: &str = "interlock_admission_batch_size";
 pub const LIVE_HOSTS: &str = "interlock_live_hosts";
 /// Test failpoints reached, by failpoint name; fault tests watch it to know a pause has begun.
 pub const FAILPOINT_HITS_TOTAL: &str = "interlock_failpoint_hits_total";
+/// Calls refused because of who made them, by the check (`no_identity`, `other_host`, `role`,
+/// `wrong_kind`, `denied`).
+pub const IDENTITY_REFUSALS_TOTAL: &str = "interlock_identity_refusals_total";
 
 /// The `class` label value of the fleet-wide kill switch in [`FROZEN`].
 pub const KILL_SWITCH_CLASS: &str = "*";
@@ -159,6 +162,12 @@ struct Metrics {
     admission_batch_size: Histogram,
     live_hosts: Family<ServiceLabels, Gauge>,
     failpoint_hits: Family<FailpointLabels, Counter>,
+    identity_refusals: Family<CheckLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: String,
 }
 
 /// Every coordinator metric and the registry that exposes them. Cloning is cheap and every clone
@@ -202,6 +211,7 @@ impl CoordinatorMetrics {
             admission_batch_size: batch_histogram(),
             live_hosts: Family::default(),
             failpoint_hits: Family::default(),
+            identity_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -283,6 +293,11 @@ impl CoordinatorMetrics {
             counter_family_name(FAILPOINT_HITS_TOTAL),
             "Test failpoints reached, by failpoint name",
             metrics.failpoint_hits.clone(),
+        );
+        registry.register(
+            counter_family_name(IDENTITY_REFUSALS_TOTAL),
+            "Calls refused because of the caller's verified identity, by the check that refused",
+            metrics.identity_refusals.clone(),
         );
         CoordinatorMetrics {
             inner: Arc::new(Metrics {
@@ -424,6 +439,15 @@ impl CoordinatorMetrics {
     }
 
     /// The test failpoint `name` was reached (only configured failpoints are ever hit).
+    pub fn identity_refused(&self, check: &str) {
+        self.inner
+            .identity_refusals
+            .get_or_create(&CheckLabels {
+                check: check.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn failpoint_hit(&self, name: &str) {
         self.inner
             .failpoint_hits

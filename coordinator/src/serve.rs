@@ -21,6 +21,7 @@ use crate::{
         etcd::{EtcdOptions, EtcdStore},
         mem::MemStore,
     },
+    tls::Security,
 };
 
 /// Which store backs the coordinator.
@@ -47,6 +48,8 @@ pub struct ServeOptions {
     pub failpoint_pause_before_grant_commit: Option<Duration>,
     /// Audit records kept; older ones are deleted in chunks of 100.
     pub audit_retention: u64,
+    /// Mutual TLS (identities from certificates), or `--insecure` plaintext.
+    pub security: Security,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +143,14 @@ pub async fn run(
             let _ = http_shutdown.wait_for(|s| *s).await;
         }))
     });
-    let grpc_result = server::serve_grpc(grpc, engine.clone(), shutdown).await;
+    if options.security.is_insecure() {
+        tracing::warn!(
+            "serving without TLS (--insecure): every identity is self-asserted and any process \
+             that reaches this port can act as any host or operator; use --ca/--cert/--key"
+        );
+    }
+    let grpc_result =
+        server::serve_grpc(grpc, engine.clone(), options.security.clone(), shutdown).await;
     tracing::info!("gRPC stopped; stopping the engine");
     let _ = stop_engine.send(true);
     let _ = engine_task.await;

@@ -25,7 +25,10 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 use crate::{
     admission::{FreezeRecord, UnixMillis, effective_cap},
     engine::{AcquireInput, AcquireOutcome, Engine, EngineError, GrantInfo, LateOutcome, Outcome},
+    identity::{Identity, OperatorAction, Refusal},
+    policy::Mode,
     telemetry::{FleetTelemetry, FlowEdge, MAX_EDGES_PER_HOST, ReportedFinding},
+    tls::{Security, peer_identity},
     view::Scope,
 };
 
@@ -148,6 +151,92 @@ fn now_ms() -> u64 {
 struct Services {
     engine: Engine,
     telemetry: Arc<Mutex<FleetTelemetry>>,
+    security: Arc<Security>,
+}
+
+impl Services {
+    /// The verified identity of the caller (`None` on an `--insecure` coordinator, where
+    /// nobody is verified).
+    async fn identity<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+        match &*self.security {
+            Security::Insecure => Ok(None),
+            Security::Mtls { trust_domain, .. } => match peer_identity(request, trust_domain) {
+                Ok(id) => Ok(Some(id)),
+                Err(e) => {
+                    let refusal = Refusal {
+                        check: "no_identity",
+                        reason: e.to_string(),
+                    };
+                    Err(self.refuse("unverified".to_owned(), refusal).await)
+                }
+            },
+        }
+    }
+
+    /// Counts, logs and audits a refusal, and returns the status to answer with.
+    async fn refuse(&self, owner: String, refusal: Refusal) -> Status {
+        let Refusal { reason, check } = refusal;
+        self.engine.metrics().identity_refused(check);
+        tracing::warn!(
+            caller = owner,
+            check,
+            reason,
+            "call refused because of its caller's identity"
+        );
+        // Audited when this replica leads (a follower answers with the leader's address for
+        // everything else anyway); a failed audit write does not turn a refusal into a grant.
+        if let Err(e) = self.engine.refused(owner, check, reason.clone()).await {
+            tracing::debug!(error = %e, "refusal not audited");
+        }
+        Status::permission_denied(reason)
+    }
+
+    /// The host an agent call acts for: the certificate's host, which must be the one the
+    /// message names (if it names one). Insecure: the message's word.
+    async fn host_for<T>(&self, request: &Request<T>, claimed: &str) -> Result<String, Status> {
+        match self.identity(request).await? {
+            None => Ok(claimed.to_owned()),
+            Some(id) => match self.engine.policy().access.authorize_host(&id, claimed) {
+                Ok(host) => Ok(host),
+                Err(r) => Err(self.refuse(id.to_string(), r).await),
+            },
+        }
+    }
+
+    /// For calls on an existing lease or approval: the caller must be the host that holds it.
+    async fn holder_only<T>(
+        &self,
+        request: &Request<T>,
+        holder: Option<String>,
+    ) -> Result<(), Status> {
+        let Some(id) = self.identity(request).await? else {
+            return Ok(());
+        };
+        // An unknown lease or approval: the host check passes on the caller's own id, and the
+        // engine answers NotFound as before.
+        let claimed = holder.unwrap_or_default();
+        match self.engine.policy().access.authorize_host(&id, &claimed) {
+            Ok(_) => Ok(()),
+            Err(r) => Err(self.refuse(id.to_string(), r).await),
+        }
+    }
+
+    /// The operator an operator call acts as, allowed by its role. Insecure: the header.
+    async fn operator_for<T>(
+        &self,
+        request: &Request<T>,
+        action: OperatorAction,
+    ) -> Result<String, Status> {
+        match self.identity(request).await? {
+            // Reads never needed a name; writes keep the self-asserted header when insecure.
+            None if action == OperatorAction::Read => Ok(String::new()),
+            None => operator(request),
+            Some(id) => match self.engine.policy().access.authorize_operator(&id, action) {
+                Ok(name) => Ok(name),
+                Err(r) => Err(self.refuse(id.to_string(), r).await),
+            },
+        }
+    }
 }
 
 fn check_reporter(host_id: &str) -> Result<(), Status> {
@@ -165,7 +254,10 @@ impl Coordinator for Services {
         &self,
         request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingReply>, Status> {
+        let verified = self.identity(&request).await?;
         let pb::PingRequest { caller } = request.into_inner();
+        // Over mutual TLS the caller is who the certificate says, whatever the message claims.
+        let caller = verified.map_or(caller, |id| id.to_string());
         if caller.len() > 256 {
             return Err(Status::invalid_argument(
                 "caller is longer than 256 bytes; send a host id or operator name",
@@ -188,7 +280,10 @@ impl Agent for Services {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
-        let pb::RegisterRequest { host_id, labels } = request.into_inner();
+        let claimed = request.get_ref().host_id.clone();
+        let host = self.host_for(&request, &claimed).await?;
+        let pb::RegisterRequest { host_id: _, labels } = request.into_inner();
+        let host_id = host;
         let ttl = self
             .engine
             .register(host_id, labels.into_iter().collect())
@@ -205,7 +300,8 @@ impl Agent for Services {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let pb::HeartbeatRequest { host_id } = request.into_inner();
+        let claimed = request.get_ref().host_id.clone();
+        let host_id = self.host_for(&request, &claimed).await?;
         let ttl = self.engine.heartbeat(&host_id).await.map_err(status)?;
         Ok(Response::new(pb::HeartbeatReply {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
@@ -216,8 +312,10 @@ impl Agent for Services {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireReply>, Status> {
+        let claimed = request.get_ref().host_id.clone();
+        let host_id = self.host_for(&request, &claimed).await?;
         let pb::AcquireRequest {
-            host_id,
+            host_id: _,
             class,
             target,
             evidence,
@@ -241,6 +339,14 @@ impl Agent for Services {
         &self,
         request: Request<pb::PollApprovalRequest>,
     ) -> Result<Response<pb::AcquireReply>, Status> {
+        let holder = self
+            .engine
+            .snapshot()
+            .view
+            .approvals
+            .get(&request.get_ref().approval_id)
+            .map(|(a, _)| a.host.clone());
+        self.holder_only(&request, holder).await?;
         let pb::PollApprovalRequest {
             approval_id,
             host_id: _,
@@ -257,6 +363,8 @@ impl Agent for Services {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewReply>, Status> {
+        let holder = self.lease_holder(&request.get_ref().lease_id);
+        self.holder_only(&request, holder).await?;
         let pb::RenewRequest { lease_id, token } = request.into_inner();
         let ttl_ms = self.engine.renew(&lease_id, token).await.map_err(status)?;
         Ok(Response::new(pb::RenewReply { ttl_ms }))
@@ -266,6 +374,8 @@ impl Agent for Services {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseReply>, Status> {
+        let holder = self.lease_holder(&request.get_ref().lease_id);
+        self.holder_only(&request, holder).await?;
         let pb::ReleaseRequest {
             lease_id,
             token,
@@ -284,8 +394,10 @@ impl Agent for Services {
         &self,
         request: Request<pb::ReportOutcomeRequest>,
     ) -> Result<Response<pb::ReleaseReply>, Status> {
+        let claimed = request.get_ref().host_id.clone();
+        let host_id = self.host_for(&request, &claimed).await?;
         let pb::ReportOutcomeRequest {
-            host_id,
+            host_id: _,
             lease_id,
             token,
             class,
@@ -313,7 +425,12 @@ impl Agent for Services {
         &self,
         request: Request<pb::ReportFindingsRequest>,
     ) -> Result<Response<pb::ReportReply>, Status> {
-        let pb::ReportFindingsRequest { host_id, findings } = request.into_inner();
+        let claimed = request.get_ref().host_id.clone();
+        let host_id = self.host_for(&request, &claimed).await?;
+        let pb::ReportFindingsRequest {
+            host_id: _,
+            findings,
+        } = request.into_inner();
         check_reporter(&host_id)?;
         self.require_leader(&self.engine.snapshot()).await?;
         if findings.len() > 1000 {
@@ -355,7 +472,9 @@ impl Agent for Services {
         &self,
         request: Request<pb::ReportFlowsRequest>,
     ) -> Result<Response<pb::ReportReply>, Status> {
-        let pb::ReportFlowsRequest { host_id, edges } = request.into_inner();
+        let claimed = request.get_ref().host_id.clone();
+        let host_id = self.host_for(&request, &claimed).await?;
+        let pb::ReportFlowsRequest { host_id: _, edges } = request.into_inner();
         check_reporter(&host_id)?;
         self.require_leader(&self.engine.snapshot()).await?;
         if edges.len() > MAX_EDGES_PER_HOST {
@@ -397,8 +516,9 @@ impl Agent for Services {
 impl Operator for Services {
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let snap = self.engine.snapshot();
         let view = &snap.view;
         let policy = self.engine.policy();
@@ -456,7 +576,7 @@ impl Operator for Services {
                 format!("kill switch: {}", r.reason)
             } else if let Some(r) = view.class_freezes.get(name) {
                 format!("frozen: {}", r.reason)
-            } else if mode == crate::policy::Mode::Observe {
+            } else if mode == Mode::Observe {
                 "observe mode: recording only".to_owned()
             } else if used >= class.budget.fleet.max {
                 format!("fleet budget used: {used}/{}", class.budget.fleet.max)
@@ -496,13 +616,15 @@ impl Operator for Services {
             classes,
             live_hosts: u32::try_from(view.hosts.len()).unwrap_or(u32::MAX),
             active_leases: u32::try_from(view.leases.len()).unwrap_or(u32::MAX),
+            insecure: self.security.is_insecure(),
         }))
     }
 
     async fn hosts(
         &self,
-        _request: Request<pb::HostsRequest>,
+        request: Request<pb::HostsRequest>,
     ) -> Result<Response<pb::HostsReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let snap = self.engine.snapshot();
         self.require_leader(&snap).await?;
         let hosts = snap
@@ -521,8 +643,9 @@ impl Operator for Services {
 
     async fn leases(
         &self,
-        _request: Request<pb::LeasesRequest>,
+        request: Request<pb::LeasesRequest>,
     ) -> Result<Response<pb::LeasesReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let snap = self.engine.snapshot();
         self.require_leader(&snap).await?;
         // Time left comes from the store lease itself (renewals included), asked for all
@@ -564,8 +687,9 @@ impl Operator for Services {
 
     async fn budgets(
         &self,
-        _request: Request<pb::BudgetsRequest>,
+        request: Request<pb::BudgetsRequest>,
     ) -> Result<Response<pb::BudgetsReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let snap = self.engine.snapshot();
         self.require_leader(&snap).await?;
         let now = UnixMillis(now_ms());
@@ -610,7 +734,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::FreezeRequest>,
     ) -> Result<Response<pb::FreezeReply>, Status> {
-        let op = operator(&request)?;
+        let op = self.operator_for(&request, OperatorAction::Freeze).await?;
         let pb::FreezeRequest {
             class,
             reason,
@@ -628,7 +752,9 @@ impl Operator for Services {
         &self,
         request: Request<pb::UnfreezeRequest>,
     ) -> Result<Response<pb::UnfreezeReply>, Status> {
-        let op = operator(&request)?;
+        let op = self
+            .operator_for(&request, OperatorAction::Unfreeze)
+            .await?;
         let pb::UnfreezeRequest {
             class,
             host,
@@ -645,7 +771,16 @@ impl Operator for Services {
         &self,
         request: Request<pb::SetModeRequest>,
     ) -> Result<Response<pb::SetModeReply>, Status> {
-        let op = operator(&request)?;
+        // The role needed depends on the mode asked for; an unparsable mode is the engine's
+        // to refuse with its own message, so it is checked as the strictest.
+        let wanted = request
+            .get_ref()
+            .mode
+            .parse::<Mode>()
+            .unwrap_or(Mode::Autonomous);
+        let op = self
+            .operator_for(&request, OperatorAction::SetMode(wanted))
+            .await?;
         let pb::SetModeRequest { class, mode } = request.into_inner();
         let previous = self
             .engine
@@ -659,8 +794,9 @@ impl Operator for Services {
 
     async fn approvals(
         &self,
-        _request: Request<pb::ApprovalsRequest>,
+        request: Request<pb::ApprovalsRequest>,
     ) -> Result<Response<pb::ApprovalsReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let snap = self.engine.snapshot();
         self.require_leader(&snap).await?;
         let approvals = snap
@@ -685,7 +821,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::AcquireReply>, Status> {
-        let op = operator(&request)?;
+        let op = self.operator_for(&request, OperatorAction::Approve).await?;
         let pb::ApproveRequest { approval_id } = request.into_inner();
         let outcome = self.engine.approve(approval_id, op).await.map_err(status)?;
         Ok(Response::new(acquire_reply(outcome)))
@@ -695,7 +831,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::RejectRequest>,
     ) -> Result<Response<pb::RejectReply>, Status> {
-        let op = operator(&request)?;
+        let op = self.operator_for(&request, OperatorAction::Reject).await?;
         let pb::RejectRequest {
             approval_id,
             reason,
@@ -711,7 +847,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeReply>, Status> {
-        let op = operator(&request)?;
+        let op = self.operator_for(&request, OperatorAction::Revoke).await?;
         let pb::RevokeRequest { lease_id, reason } = request.into_inner();
         self.engine
             .revoke(lease_id, reason, op)
@@ -722,8 +858,9 @@ impl Operator for Services {
 
     async fn graph(
         &self,
-        _request: Request<pb::GraphRequest>,
+        request: Request<pb::GraphRequest>,
     ) -> Result<Response<pb::GraphReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         self.require_leader(&self.engine.snapshot()).await?;
         Ok(Response::new(self.graph_reply()))
     }
@@ -732,6 +869,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::FindingsRequest>,
     ) -> Result<Response<pb::FindingsReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let pb::FindingsRequest { host } = request.into_inner();
         self.require_leader(&self.engine.snapshot()).await?;
         let host = opt(host);
@@ -759,6 +897,7 @@ impl Operator for Services {
         &self,
         request: Request<pb::AuditRequest>,
     ) -> Result<Response<pb::AuditReply>, Status> {
+        self.operator_for(&request, OperatorAction::Read).await?;
         let pb::AuditRequest {
             since_ms,
             class,
@@ -804,6 +943,16 @@ impl Operator for Services {
 }
 
 impl Services {
+    fn lease_holder(&self, lease_id: &str) -> Option<String> {
+        self.engine
+            .snapshot()
+            .view
+            .leases
+            .values()
+            .find(|l| l.record.lease_id == lease_id)
+            .map(|l| l.record.host.clone())
+    }
+
     fn telemetry(&self) -> std::sync::MutexGuard<'_, FleetTelemetry> {
         // The telemetry is a cache of reports: a panic while holding the lock cannot leave it
         // inconsistent in a way that matters, so a poisoned lock is used as is.
@@ -853,12 +1002,18 @@ impl Services {
 pub async fn serve_grpc(
     listener: TcpListener,
     engine: Engine,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tracing::info!(addr = ?listener.local_addr().ok(), store = engine.store_kind(), "coordinator serving gRPC");
+    tracing::info!(addr = ?listener.local_addr().ok(), store = engine.store_kind(), tls = !security.is_insecure(), "coordinator serving gRPC");
+    let mut builder = tonic::transport::Server::builder();
+    if let Security::Mtls { config, .. } = &security {
+        builder = builder.tls_config(config.clone())?;
+    }
     let services = Services {
         engine,
         telemetry: Arc::new(Mutex::new(FleetTelemetry::default())),
+        security: Arc::new(security),
     };
     // Small request/response messages: without TCP_NODELAY on the accepted sockets, Nagle's
     // algorithm and the peer's delayed ACK add ~40 ms to some answers.
@@ -869,7 +1024,7 @@ pub async fn serve_grpc(
             }
         })
     });
-    tonic::transport::Server::builder()
+    builder
         .timeout(Duration::from_secs(30))
         .add_service(CoordinatorServer::new(services.clone()))
         .add_service(AgentServer::new(services.clone()))

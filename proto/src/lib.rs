@@ -1,7 +1,10 @@
 //! Interlock's wire types and gRPC stubs, generated from `proto/interlock/v1`.
 //!
-//! Nothing else lives here: core types are converted from these at the gRPC boundary
-//! (`TryFrom<proto::X>`), never used as domain types.
+//! Besides the generated code, only the channel's security lives here (`tls`: the files of a
+//! mutual-TLS identity, shared by the agent and the CLI). Core types are converted from these
+//! at the gRPC boundary (`TryFrom<proto::X>`), never used as domain types.
+
+pub mod tls;
 
 /// Version 1 of the API.
 pub mod v1 {

@@ -1051,6 +1051,7 @@ fn main() -> anyhow::Result<()> {
                 election_ttl: "5s",
                 audit_retention: None,
                 env: Vec::new(),
+                tls: None,
             })?;
             c.wait_leader(Duration::from_secs(20))?;
             Ok(c)

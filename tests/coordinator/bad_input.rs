@@ -145,7 +145,13 @@ fn a_malformed_policy_is_refused_at_start_with_every_error_listed() {
     let out = Command::new(binary("interlock"))
         .args(["serve", "--config"])
         .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", ""])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "",
+            "--insecure",
+        ])
         .output()
         .expect("run interlock serve");
     assert!(!out.status.success(), "a bad policy must not start");

@@ -12,6 +12,7 @@ mod failover;
 mod graph;
 mod late_outcome;
 mod modes;
+mod trust;
 
 use interlock_tests::{
     Coordinator, CoordinatorOptions, Etcd,

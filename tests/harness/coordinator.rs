@@ -96,6 +96,9 @@ pub struct CoordinatorOptions {
     pub election_ttl: &'static str,
     pub audit_retention: Option<u64>,
     pub env: Vec<(String, String)>,
+    /// A certificate directory from `interlock certs init` to serve mutual TLS with; `None`
+    /// serves `--insecure` (self-asserted identities).
+    pub tls: Option<PathBuf>,
 }
 
 impl CoordinatorOptions {
@@ -110,6 +113,7 @@ impl CoordinatorOptions {
             election_ttl: "5s",
             audit_retention: None,
             env: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -166,6 +170,19 @@ impl Coordinator {
         if let Some(n) = options.audit_retention {
             cmd.arg("--audit-retention").arg(n.to_string());
         }
+        match &options.tls {
+            Some(certs) => {
+                cmd.arg("--ca")
+                    .arg(certs.join("ca.pem"))
+                    .arg("--cert")
+                    .arg(certs.join("coordinator.pem"))
+                    .arg("--key")
+                    .arg(certs.join("coordinator.key"));
+            }
+            None => {
+                cmd.arg("--insecure");
+            }
+        }
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
@@ -217,6 +234,11 @@ impl Coordinator {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The gRPC address as an `https://` URL (for a coordinator started with `tls`).
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.grpc)
     }
 
     pub fn pid(&self) -> u32 {

@@ -125,7 +125,15 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
         Ok(Stdio::from(std::fs::File::create(state.join(name))?))
     };
     let coordinator = Command::new(bin.join("interlock"))
-        .args(["serve", "--listen", "127.0.0.1:7400", "--config"])
+        // Plaintext on loopback for now, said explicitly (the coordinator warns at start); the
+        // agent's side of mutual TLS is not built yet.
+        .args([
+            "serve",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:7400",
+            "--config",
+        ])
         .arg(root().join("deploy/quickstart/policy.toml"))
         .arg("--data-dir")
         .arg(state.join("store"))

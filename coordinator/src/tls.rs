@@ -1,0 +1,163 @@
+//! The server side of mutual TLS: the coordinator's TLS config from its files (checked at start,
+//! so a wrong path, a readable key or an expired certificate stops it before it serves), and the
+//! verified identity of a caller, read from the URI SAN of the certificate rustls has already
+//! verified against the CA (`identity` decides what that identity may do).
+//!
+//! It parses certificates (x509-parser) and reads files; it holds no authorization rules.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use interlock_proto::tls::{TlsFileError, TlsFiles};
+use tonic::transport::ServerTlsConfig;
+
+use crate::identity::{self, Identity, IdentityError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    File(#[from] TlsFileError),
+    #[error("{path}: {message}")]
+    Certificate { path: String, message: String },
+}
+
+/// What the coordinator serves with: TLS with client certificates from one CA and trust
+/// domain, or (`--insecure`) plaintext with self-asserted identities.
+#[derive(Debug, Clone)]
+pub enum Security {
+    Mtls {
+        config: ServerTlsConfig,
+        trust_domain: String,
+    },
+    Insecure,
+}
+
+impl Security {
+    pub fn is_insecure(&self) -> bool {
+        matches!(self, Security::Insecure)
+    }
+}
+
+/// Facts of a PEM certificate: its URI SANs and the end of its validity (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    pub uris: Vec<String>,
+    pub not_after_unix: i64,
+    pub not_before_unix: i64,
+}
+
+fn cert_facts_der(der: &[u8]) -> Result<CertFacts, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push((*u).to_owned());
+            }
+        }
+    }
+    Ok(CertFacts {
+        uris,
+        not_after_unix: cert.validity().not_after.timestamp(),
+        not_before_unix: cert.validity().not_before.timestamp(),
+    })
+}
+
+/// Facts of the first certificate in a PEM file's text.
+pub fn cert_facts_pem(pem: &[u8]) -> Result<CertFacts, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not PEM: {e}"))?;
+    cert_facts_der(&pem.contents)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Refuses a certificate outside its validity, naming the file and the fix.
+pub fn check_validity(path: &str, facts: &CertFacts, now_unix: i64) -> Result<(), TlsError> {
+    if now_unix > facts.not_after_unix {
+        return Err(TlsError::Certificate {
+            path: path.to_owned(),
+            message: format!(
+                "the certificate expired {} s ago; issue a new one (`interlock certs issue …`)",
+                now_unix - facts.not_after_unix
+            ),
+        });
+    }
+    if now_unix < facts.not_before_unix {
+        return Err(TlsError::Certificate {
+            path: path.to_owned(),
+            message: "the certificate is not valid yet; check this host's clock".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The coordinator's mutual-TLS config from its files, all checked now.
+pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
+    let (ca, identity) = files.load()?;
+    let cert_pem = std::fs::read(&files.cert).map_err(|source| TlsFileError::Read {
+        path: files.cert.clone(),
+        source,
+    })?;
+    let path = files.cert.display().to_string();
+    let facts = cert_facts_pem(&cert_pem).map_err(|message| TlsError::Certificate {
+        path: path.clone(),
+        message,
+    })?;
+    check_validity(&path, &facts, unix_now())?;
+    let ca_pem = std::fs::read(&files.ca).map_err(|source| TlsFileError::Read {
+        path: files.ca.clone(),
+        source,
+    })?;
+    let ca_path = files.ca.display().to_string();
+    let ca_facts = cert_facts_pem(&ca_pem).map_err(|message| TlsError::Certificate {
+        path: ca_path.clone(),
+        message,
+    })?;
+    check_validity(&ca_path, &ca_facts, unix_now())?;
+    let config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
+    Ok(Security::Mtls {
+        config,
+        trust_domain: trust_domain.to_owned(),
+    })
+}
+
+/// The verified caller of a request over mutual TLS. rustls has checked the chain against the
+/// CA (and its validity) during the handshake; this reads the identity it binds.
+pub fn peer_identity<T>(
+    request: &tonic::Request<T>,
+    trust_domain: &str,
+) -> Result<Identity, IdentityError> {
+    let Some(certs) = request.peer_certs() else {
+        return Err(IdentityError::NoUri);
+    };
+    let Some(leaf) = certs.first() else {
+        return Err(IdentityError::NoUri);
+    };
+    let facts = cert_facts_der(leaf.as_ref())
+        .map_err(|e| IdentityError::Unparsable(e, trust_domain.to_owned()))?;
+    identity::from_uris(&facts.uris, trust_domain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_is_checked_with_the_file_named() {
+        let facts = CertFacts {
+            uris: vec![],
+            not_before_unix: 100,
+            not_after_unix: 200,
+        };
+        assert!(check_validity("c.pem", &facts, 150).is_ok());
+        let e = check_validity("c.pem", &facts, 260).expect_err("expired");
+        assert!(e.to_string().contains("c.pem"), "{e}");
+        assert!(e.to_string().contains("expired 60 s ago"), "{e}");
+        assert!(check_validity("c.pem", &facts, 50).is_err());
+    }
+}
