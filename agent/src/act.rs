@@ -207,6 +207,8 @@ impl Ended {
 pub struct ActorSettings {
     pub host_id: String,
     pub urls: Vec<String>,
+    /// Mutual TLS towards the coordinator, if configured.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub actions: ActionsConfig,
     /// Mount points of the host (to find which mount holds each cleanup root).
     pub mounts: Vec<PathBuf>,
@@ -302,7 +304,7 @@ pub async fn actor_task(
     });
     let mut actor = Actor {
         chooser: Chooser::new(restart_rules, cleanup_rule, actions.retry),
-        replicas: Replicas::new(settings.urls.clone()),
+        replicas: Replicas::new(settings.urls.clone(), settings.tls.clone()),
         journal: Arc::new(Mutex::new(journal)),
         restart: Some(HostRestart {
             systemd: Systemctl,

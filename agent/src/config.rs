@@ -45,6 +45,17 @@ pub struct RawConfig {
     pub actions: Option<RawActions>,
     pub cleanup: Option<RawCleanup>,
     pub restart: Option<RawRestart>,
+    pub tls: Option<RawTls>,
+}
+
+/// `[tls]`: the agent's mutual-TLS identity towards the coordinator (`interlock certs issue
+/// host HOST`). With it, every coordinator URL must be `https://`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// `[actions]`: how the agent runs green actions under leases.
@@ -230,6 +241,8 @@ pub struct AgentConfig {
     pub detectors: DetectorConfigs,
     pub intervals: Intervals,
     pub log_format: LogFormat,
+    /// Mutual TLS towards the coordinator; `None` talks plaintext (`http://` only).
+    pub tls: Option<interlock_proto::tls::TlsFiles>,
     /// Green actions; `None` when neither `[cleanup]` nor `[restart]` is configured (the agent
     /// then only observes).
     pub actions: Option<ActionsConfig>,
@@ -474,6 +487,7 @@ impl RawConfig {
             actions,
             cleanup,
             restart,
+            tls,
         } = self;
         let mut p = Problems::default();
 
@@ -613,6 +627,7 @@ impl RawConfig {
         };
 
         let actions = validate_actions(&mut p, actions, cleanup, restart, &mut processes);
+        let tls = validate_tls(&mut p, tls, &coordinator);
 
         if !p.0.is_empty() {
             return Err(p.0);
@@ -629,8 +644,61 @@ impl RawConfig {
             intervals,
             log_format,
             actions,
+            tls,
         })
     }
+}
+
+/// `[tls]`: all three files, absolute; and the URLs' scheme must match (never plaintext when a
+/// certificate is configured, never `https://` without one). The files are read at start.
+fn validate_tls(
+    p: &mut Problems,
+    raw: Option<RawTls>,
+    coordinator: &[String],
+) -> Option<interlock_proto::tls::TlsFiles> {
+    let Some(RawTls { ca, cert, key }) = raw else {
+        for (i, url) in coordinator.iter().enumerate() {
+            if url.starts_with("https://") {
+                p.add(
+                    format!("coordinator[{i}]"),
+                    "https:// needs the host's certificate: add [tls] ca, cert and key \
+                     (`interlock certs issue host HOST`)",
+                );
+            }
+        }
+        return None;
+    };
+    let mut file = |field: &str, value: Option<PathBuf>| match value {
+        Some(path) if path.is_absolute() => Some(path),
+        Some(path) => {
+            p.add(
+                format!("tls.{field}"),
+                format!("{} must be an absolute path", path.display()),
+            );
+            None
+        }
+        None => {
+            p.add(
+                format!("tls.{field}"),
+                format!("missing; set {field} = \"/etc/interlock/certs/…\""),
+            );
+            None
+        }
+    };
+    let (ca, cert, key) = (file("ca", ca), file("cert", cert), file("key", key));
+    for (i, url) in coordinator.iter().enumerate() {
+        if !url.starts_with("https://") {
+            p.add(
+                format!("coordinator[{i}]"),
+                format!("{url:?} is not https:// but [tls] is set; use https:// so the certificate is used"),
+            );
+        }
+    }
+    Some(interlock_proto::tls::TlsFiles {
+        ca: ca?,
+        cert: cert?,
+        key: key?,
+    })
 }
 
 /// `[actions]`, `[cleanup]`, `[restart]`: every restart target must be watchable (a unit needs
@@ -1164,6 +1232,32 @@ mod tests {
         parse(text, Path::new("agent.toml"), || Some("box-1".into()))
             .unwrap_err()
             .problems()
+    }
+    #[test]
+    fn tls_needs_https_and_https_needs_tls() {
+        let with_tls = "coordinator = \"https://127.0.0.1:7400\"\n[labels]\nservice = \"web\"\n\
+                        [tls]\nca = \"/c/ca.pem\"\ncert = \"/c/h.pem\"\nkey = \"/c/h.key\"\n";
+        let c = parse_ok(with_tls);
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.key, PathBuf::from("/c/h.key"));
+
+        // A certificate configured but a plaintext URL: never silently plaintext.
+        let p = problems(&with_tls.replace("https://", "http://"));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("coordinator[0]") && m.contains("use https://")),
+            "{p:?}"
+        );
+        // https:// without a certificate.
+        let p = problems("coordinator = \"https://a:1\"\n[labels]\nservice = \"w\"\n");
+        assert!(p.iter().any(|m| m.contains("add [tls]")), "{p:?}");
+        // Every missing or relative file at once.
+        let p = problems(
+            "coordinator = \"https://a:1\"\n[labels]\nservice = \"w\"\n[tls]\nca = \"ca.pem\"\n",
+        );
+        for needle in ["tls.ca", "absolute", "tls.cert", "tls.key"] {
+            assert!(p.iter().any(|m| m.contains(needle)), "{needle}: {p:?}");
+        }
     }
 
     #[test]

@@ -70,7 +70,10 @@ impl DoctorReport {
 }
 
 /// Inspects the host; with `coordinators`, also pings each replica.
-pub async fn diagnose(coordinators: &[String]) -> DoctorReport {
+pub async fn diagnose(
+    coordinators: &[String],
+    tls: Option<&interlock_proto::tls::TlsFiles>,
+) -> DoctorReport {
     let mut checks = Vec::new();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned());
     checks.push(match kernel {
@@ -184,9 +187,16 @@ pub async fn diagnose(coordinators: &[String]) -> DoctorReport {
             Err(e) => Check::new(name, false, e.to_string()),
         });
     }
+    let tls_config = match tls.map(|f| f.client_config()).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            checks.push(Check::new("tls", false, e.to_string()));
+            None
+        }
+    };
     for url in coordinators {
         let name = format!("coordinator {url}");
-        let check = match connect(url).await {
+        let check = match connect(url, tls_config.as_ref()).await {
             Err(e) => Check::new(name, false, format!("unreachable: {e}")),
             Ok(channel) => {
                 let reply = CoordinatorClient::new(channel)

@@ -125,11 +125,14 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Doctor { config, output } => {
             init_logging(LogFormat::Text);
-            let coordinators = match &config {
-                Some(path) => config::load(path)?.coordinator,
-                None => Vec::new(),
+            let (coordinators, tls) = match &config {
+                Some(path) => {
+                    let c = config::load(path)?;
+                    (c.coordinator, c.tls)
+                }
+                None => (Vec::new(), None),
             };
-            let report = doctor::diagnose(&coordinators).await;
+            let report = doctor::diagnose(&coordinators, tls.as_ref()).await;
             match output {
                 Output::Table => print!("{}", report.to_text()),
                 Output::Json => println!("{}", report.to_json()),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use interlock_proto::v1 as pb;
 use interlock_proto::v1::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use crate::finding::Finding;
@@ -285,13 +285,15 @@ fn classify(url: &str, status: &Status) -> CallError {
 #[derive(Clone, Debug)]
 pub struct Replicas {
     urls: Vec<String>,
+    tls: Option<ClientTlsConfig>,
     preferred: Option<(String, Channel)>,
 }
 
 impl Replicas {
-    pub fn new(urls: Vec<String>) -> Self {
+    pub fn new(urls: Vec<String>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             urls,
+            tls,
             preferred: None,
         }
     }
@@ -316,7 +318,7 @@ impl Replicas {
         for (url, channel) in candidates {
             let channel = match channel {
                 Some(c) => c,
-                None => match connect(&url).await {
+                None => match connect(&url, self.tls.as_ref()).await {
                     Ok(c) => c,
                     Err(e) => {
                         last = CallError::Unreachable(e);
@@ -338,7 +340,7 @@ impl Replicas {
                     let Some(leader) = redirect_target(&url, leader) else {
                         continue;
                     };
-                    let Ok(channel) = connect(&leader).await else {
+                    let Ok(channel) = connect(&leader, self.tls.as_ref()).await else {
                         continue;
                     };
                     match call(AgentClient::new(channel.clone())).await {
@@ -366,11 +368,16 @@ impl Replicas {
 }
 
 /// Connects to one replica within [`CONNECT_TIMEOUT`].
-pub async fn connect(url: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+pub async fn connect(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("{url}: invalid URL: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("{url}: TLS: {}", error_chain(&e)))?;
+    }
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(format!("{url}: {}", error_chain(&e))),

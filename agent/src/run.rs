@@ -65,6 +65,8 @@ pub enum RunError {
     Detector(#[from] ConfigErrors),
     #[error("{0}")]
     Journal(#[from] crate::actions::journal::JournalError),
+    #[error("[tls]: {0}")]
+    Tls(#[from] interlock_proto::tls::TlsFileError),
 }
 
 /// Runs the agent until `shutdown` completes; returns once every task stopped.
@@ -72,6 +74,14 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    // Read now: a missing or readable key stops the agent before anything starts.
+    let tls = config.tls.as_ref().map(|f| f.client_config()).transpose()?;
+    match &config.tls {
+        Some(f) => tracing::info!(cert = %f.cert.display(), "mutual TLS towards the coordinator"),
+        None => tracing::warn!(
+            "talking to the coordinator without TLS: add [tls] (`interlock certs issue host HOST`)"
+        ),
+    }
     let metrics = AgentMetrics::new();
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
@@ -113,6 +123,7 @@ pub async fn run(
             host_id: config.host_id.clone(),
             labels: config.labels.clone(),
             urls: config.coordinator.clone(),
+            tls: tls.clone(),
             epoch: observer.epoch,
         },
         findings_rx,
@@ -131,6 +142,7 @@ pub async fn run(
                 ActorSettings {
                     host_id: config.host_id.clone(),
                     urls: config.coordinator.clone(),
+                    tls: tls.clone(),
                     actions,
                     mounts,
                     processes: config.processes.clone(),
@@ -1026,6 +1038,7 @@ struct LinkSettings {
     host_id: String,
     labels: BTreeMap<String, String>,
     urls: Vec<String>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     epoch: (Instant, u64),
 }
 
@@ -1220,9 +1233,10 @@ async fn link_task(
     stop: watch::Receiver<bool>,
 ) {
     let urls = settings.urls.clone();
+    let tls = settings.tls.clone();
     let mut link = Link {
         settings,
-        replicas: Replicas::new(urls),
+        replicas: Replicas::new(urls, tls),
         metrics,
         tracker: LinkTracker::default(),
         ledger: FindingLedger::default(),

@@ -1536,6 +1536,7 @@ fn status_json(reply: &pb::StatusReply) -> Value {
         "classes": classes,
         "live_hosts": reply.live_hosts,
         "active_leases": reply.active_leases,
+        "insecure": reply.insecure,
     })
 }
 
@@ -1558,6 +1559,15 @@ fn status_text(reply: &pb::StatusReply) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "leader:      {leader}");
     let _ = writeln!(out, "store:       {}", or_dash(&reply.store));
+    let _ = writeln!(
+        out,
+        "security:    {}",
+        if reply.insecure {
+            "INSECURE: plaintext, self-asserted identities (--insecure)"
+        } else {
+            "mutual TLS, identities from certificates"
+        }
+    );
     let _ = writeln!(out, "policy:      {}", or_dash(&reply.policy));
     let _ = writeln!(out, "kill switch: {kill_switch}");
     let _ = writeln!(

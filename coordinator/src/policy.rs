@@ -1069,6 +1069,28 @@ host = {{ max = 1, window = "1h" }}
     }
 
     #[test]
+    fn access_roles_and_deny_list_load_and_their_errors_name_the_path() {
+        let text = FULL.to_owned()
+            + "\n[access]\ndeny = [\"host:web-9\"]\n[access.operators]\nalice = \"admin\"\nbob = \"viewer\"\n";
+        let policy = load(&text).expect("valid");
+        assert_eq!(policy.access.operators["alice"], Role::Admin);
+        assert_eq!(policy.access.operators["bob"], Role::Viewer);
+        assert!(policy.access.deny.contains("host:web-9"));
+        // No [access]: nobody has a role (default deny).
+        assert!(load(FULL).expect("valid").access.operators.is_empty());
+
+        let bad = FULL.to_owned()
+            + "\n[access]\ndeny = [\"web-9\"]\n[access.operators]\nalice = \"root\"\n";
+        let err = load(&bad).expect_err("bad access");
+        assert!(err.has_path("access.operators.alice"), "{err}");
+        assert!(err.has_path("access.deny[0]"), "{err}");
+        assert!(
+            err.to_string().contains("\"viewer\", \"approver\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn defaults_apply_when_optional_fields_are_absent() {
         let policy =
             load(&one_class("cap_min = 1\ncap = \"10%\"").replace("cap = 1\n", "")).expect("valid");

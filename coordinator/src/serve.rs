@@ -102,7 +102,14 @@ pub async fn run(
     };
     let advertise = match &options.advertise {
         Some(a) => a.clone(),
-        None => format!("http://{}", grpc.local_addr()?),
+        None => {
+            let scheme = if options.security.is_insecure() {
+                "http"
+            } else {
+                "https"
+            };
+            format!("{scheme}://{}", grpc.local_addr()?)
+        }
     };
     let metrics = CoordinatorMetrics::new();
     for (name, class) in &policy.classes {

@@ -87,3 +87,35 @@ impl TlsFiles {
         Ok(ClientTlsConfig::new().ca_certificate(ca).identity(identity))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_others_can_read_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("host.key");
+        fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = read_key(&key).expect_err("0644 key");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+        read_key(&key).expect("0600 key");
+
+        let not_pem = dir.path().join("x.key");
+        fs::write(&not_pem, "hello").expect("write");
+        fs::set_permissions(&not_pem, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(matches!(
+            read_key(&not_pem),
+            Err(TlsFileError::NotPem { .. })
+        ));
+        let missing = dir.path().join("missing.key");
+        let err = read_key(&missing).expect_err("missing");
+        assert!(err.to_string().contains("missing.key"), "{err}");
+    }
+}

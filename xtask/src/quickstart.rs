@@ -23,7 +23,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{describe, root};
 
-const COORDINATOR: &str = "http://127.0.0.1:7400";
+const COORDINATOR: &str = "https://127.0.0.1:7400";
 const DEMO: &str = "127.0.0.1:7410";
 /// How long `--once` waits for a verified outcome.
 const ONCE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -119,22 +119,58 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
                 &bin.join("interlock-agent").display().to_string(),
             ),
     )?;
+    // The secure configuration is the first one a new user runs: a CA of the quickstart's own,
+    // a certificate for the coordinator, the agent (host `quickstart`) and the operator
+    // `quickstart` (admin in deploy/quickstart/policy.toml), keys 0600.
+    let certs = state.join("certs");
+    let certs_s = certs.display().to_string();
+    for args in [
+        vec!["certs", "init", certs_s.as_str()],
+        vec![
+            "certs",
+            "issue",
+            "host",
+            "quickstart",
+            "--dir",
+            certs_s.as_str(),
+        ],
+        vec![
+            "certs",
+            "issue",
+            "operator",
+            "quickstart",
+            "--dir",
+            certs_s.as_str(),
+            "--role",
+            "admin",
+        ],
+    ] {
+        let out = Command::new(bin.join("interlock"))
+            .args(&args)
+            .output()
+            .context("running interlock certs")?;
+        if !out.status.success() {
+            bail!(
+                "interlock {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
     ignore_sigint();
 
     let log = |name: &str| -> anyhow::Result<Stdio> {
         Ok(Stdio::from(std::fs::File::create(state.join(name))?))
     };
     let coordinator = Command::new(bin.join("interlock"))
-        // Plaintext on loopback for now, said explicitly (the coordinator warns at start); the
-        // agent's side of mutual TLS is not built yet.
-        .args([
-            "serve",
-            "--insecure",
-            "--listen",
-            "127.0.0.1:7400",
-            "--config",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:7400", "--config"])
         .arg(root().join("deploy/quickstart/policy.toml"))
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("coordinator.pem"))
+        .arg("--key")
+        .arg(certs.join("coordinator.key"))
         .arg("--data-dir")
         .arg(state.join("store"))
         .stdout(log("coordinator.log")?)
@@ -143,9 +179,9 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
         .context("starting the coordinator")?;
     started.children.push(("coordinator", coordinator));
     wait_for("the coordinator", Duration::from_secs(15), || {
-        cli(bin, &["status"]).is_ok()
+        cli(bin, &certs, &["status"]).is_ok()
     })?;
-    println!("{}", cli(bin, &["status"])?);
+    println!("{}", cli(bin, &certs, &["status"])?);
     let agent = Command::new(bin.join("interlock-agent"))
         .args(["run", "--config"])
         .arg(&agent_config)
@@ -159,6 +195,9 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
         "quickstart: coordinator on {COORDINATOR} (embedded store), agent `quickstart` supervising \
          the demo service on http://{DEMO} and watching the demo disk {} (75% full of old logs).\n\
          logs: {}/agent.log, coordinator.log\n\
+         mutual TLS with the quickstart's own CA in {certs_s}; to use the CLI as operator `quickstart` (admin):\n\
+         \x20 export INTERLOCK_COORDINATOR={COORDINATOR} INTERLOCK_CA={certs_s}/ca.pem \\\n\
+         \x20        INTERLOCK_CERT={certs_s}/operators/quickstart.pem INTERLOCK_KEY={certs_s}/operators/quickstart.key\n\
          try: curl http://{DEMO}/crash   ·   target/debug/interlock leases | audit | findings | status\n\
          Ctrl-C stops.\n",
         disk.display(),
@@ -182,8 +221,8 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
             println!("quickstart: the agent stopped ({status})");
             return Ok(());
         }
-        print_findings(bin, &mut printed_findings);
-        let verified = print_audit(bin, &mut printed_audit);
+        print_findings(bin, &certs, &mut printed_findings);
+        let verified = print_audit(bin, &certs, &mut printed_audit);
         if once {
             if let Some(token) = verified {
                 println!(
@@ -223,9 +262,15 @@ fn fill_demo_disk(logs: &Path) -> anyhow::Result<()> {
 }
 
 /// Runs the `interlock` CLI against the quickstart's coordinator; its stdout on success.
-fn cli(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+fn cli(bin: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(bin.join("interlock"));
-    cmd.args(["--coordinator", COORDINATOR, "--operator", "quickstart"])
+    cmd.args(["--coordinator", COORDINATOR])
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("operators/quickstart.pem"))
+        .arg("--key")
+        .arg(certs.join("operators/quickstart.key"))
         .args(args);
     let out = cmd
         .output()
@@ -252,8 +297,8 @@ fn wait_for(what: &str, within: Duration, ok: impl Fn() -> bool) -> anyhow::Resu
 }
 
 /// Prints findings not printed yet (keyed by host, detector and target).
-fn print_findings(bin: &Path, printed: &mut BTreeSet<String>) {
-    let Ok(text) = cli(bin, &["findings"]) else {
+fn print_findings(bin: &Path, certs: &Path, printed: &mut BTreeSet<String>) {
+    let Ok(text) = cli(bin, certs, &["findings"]) else {
         return;
     };
     for line in text.lines().skip(1) {
@@ -266,8 +311,8 @@ fn print_findings(bin: &Path, printed: &mut BTreeSet<String>) {
 
 /// Prints audit records after `printed` (by seq); returns the token of a grant whose verified
 /// (`success`) outcome is in the audit.
-fn print_audit(bin: &Path, printed: &mut u64) -> Option<u64> {
-    let text = cli(bin, &["audit"]).ok()?;
+fn print_audit(bin: &Path, certs: &Path, printed: &mut u64) -> Option<u64> {
+    let text = cli(bin, certs, &["audit"]).ok()?;
     let mut grants = BTreeSet::new();
     let mut verified = None;
     for line in text.lines() {
