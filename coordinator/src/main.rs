@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a coordinator replica.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make a CA and issue certificates for the coordinator, hosts and operators.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -222,7 +222,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve_cmd(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve(args) => serve_cmd(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(command) => certs_cmd(command).map(|()| ExitCode::SUCCESS),
             Command::Operator(command) => cli::run(&cli.client, command).await,
         }
