@@ -1276,7 +1276,7 @@ mod tests {
         let c = parse_ok(
             r#"
 host_id = "h1"
-coordinator = ["http://a:1", "https://b:2"]
+coordinator = ["http://a:1", "http://b:2"]
 log_format = "json"
 [labels]
 service = "api"

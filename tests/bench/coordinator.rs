@@ -100,9 +100,11 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-/// `n` clients, each on its own scope, acquire+release in a loop for `duration`.
+/// `n` clients, each on its own scope, acquire+release in a loop for `duration`; client `i`
+/// is host `<prefix><i>` on `channels[i % len]`.
 async fn coordinator_run(
     channels: &[Channel],
+    prefix: &str,
     n: usize,
     duration: Duration,
 ) -> anyhow::Result<Run> {
@@ -111,7 +113,7 @@ async fn coordinator_run(
     let mut tasks = Vec::new();
     for i in 0..n {
         let mut agent = client::agent(&channels[i % channels.len()]);
-        let host = format!("u{i:02}");
+        let host = format!("{prefix}{i:02}");
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
@@ -134,6 +136,80 @@ async fn coordinator_run(
         all.extend(t.await.context("client task")?);
     }
     Ok(summarize(all, start.elapsed()))
+}
+
+/// Hosts `t00..t63`, each with its own certificate and its own connection, against two
+/// coordinators on the same etcd (different prefixes): one serving mutual TLS, one plaintext.
+/// Alternating run by run; returns per concurrency (mTLS runs, plaintext runs).
+async fn mtls_vs_plaintext(
+    etcd: &Etcd,
+    runs: usize,
+    duration: Duration,
+) -> anyhow::Result<BTreeMap<usize, (Vec<Run>, Vec<Run>)>> {
+    use interlock_coordinator::{
+        certs::{self, Validity},
+        identity::Identity,
+    };
+    let hosts = *CONCURRENCY.iter().max().expect("concurrency levels");
+    let dir = tempfile::tempdir()?;
+    let certs_dir = dir.path().join("certs");
+    certs::init(&certs_dir, certs::DEFAULT_TRUST_DOMAIN, &[])?;
+    let mut files = Vec::new();
+    for i in 0..hosts {
+        let issued = certs::issue(
+            &certs_dir,
+            &Identity::Host(format!("t{i:02}")),
+            Validity::from_now(1),
+        )?;
+        files.push(interlock_proto::tls::TlsFiles {
+            ca: certs_dir.join("ca.pem"),
+            cert: issued.cert,
+            key: issued.key,
+        });
+    }
+    let mut tls_options =
+        CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("bench-tls"), POLICY);
+    tls_options.host_ttl = "300s";
+    tls_options.tls = Some(certs_dir.clone());
+    let mut plain_options =
+        CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("bench-plain"), POLICY);
+    plain_options.host_ttl = "300s";
+    let tls_coordinator = Coordinator::start(&tls_options)?;
+    let plain_coordinator = Coordinator::start(&plain_options)?;
+    tls_coordinator.wait_leader(Duration::from_secs(10))?;
+    plain_coordinator.wait_leader(Duration::from_secs(10))?;
+    let (mut tls_channels, mut plain_channels) = (Vec::new(), Vec::new());
+    for (i, f) in files.iter().enumerate() {
+        let t = client::tls_channel(&tls_coordinator.tls_url(), f).await?;
+        let p = client::channel(&plain_coordinator.url()).await;
+        let host = format!("t{i:02}");
+        client::register(&mut client::agent(&t), &host, &format!("svc{i:02}")).await;
+        client::register(&mut client::agent(&p), &host, &format!("svc{i:02}")).await;
+        tls_channels.push(t);
+        plain_channels.push(p);
+    }
+    let mut results: BTreeMap<usize, (Vec<Run>, Vec<Run>)> = BTreeMap::new();
+    for &n in &CONCURRENCY {
+        for run in 0..runs {
+            let (t, p) = if run % 2 == 0 {
+                let t = coordinator_run(&tls_channels, "t", n, duration).await?;
+                let p = coordinator_run(&plain_channels, "t", n, duration).await?;
+                (t, p)
+            } else {
+                let p = coordinator_run(&plain_channels, "t", n, duration).await?;
+                let t = coordinator_run(&tls_channels, "t", n, duration).await?;
+                (t, p)
+            };
+            eprintln!(
+                "  n={n:>2} run {run}: mTLS {:>7.0}/s p99 {:>6.2} ms | plaintext {:>7.0}/s p99 {:>6.2} ms",
+                t.ops_per_s, t.p99_ms, p.ops_per_s, p.p99_ms
+            );
+            let entry = results.entry(n).or_default();
+            entry.0.push(t);
+            entry.1.push(p);
+        }
+    }
+    Ok(results)
 }
 
 /// The baseline: etcd's own lock/unlock on `n` distinct names, each client with its session
@@ -278,12 +354,12 @@ async fn main() -> anyhow::Result<()> {
         for run in 0..runs {
             // Alternate which side goes first so neither always runs on a warmer machine.
             let (c, e) = if run % 2 == 0 {
-                let c = coordinator_run(&channels, n, duration).await?;
+                let c = coordinator_run(&channels, "u", n, duration).await?;
                 let e = etcd_lock_run(&etcd.endpoint(), n, duration).await?;
                 (c, e)
             } else {
                 let e = etcd_lock_run(&etcd.endpoint(), n, duration).await?;
-                let c = coordinator_run(&channels, n, duration).await?;
+                let c = coordinator_run(&channels, "u", n, duration).await?;
                 (c, e)
             };
             eprintln!(
@@ -304,6 +380,8 @@ async fn main() -> anyhow::Result<()> {
         );
         contended.push(c);
     }
+
+    let tls = mtls_vs_plaintext(&etcd, runs, duration).await?;
 
     println!();
     println!(
@@ -371,8 +449,49 @@ async fn main() -> anyhow::Result<()> {
         fmt(w, 1),
         if cap_held { "cap held" } else { "CAP VIOLATED" }
     );
+    println!();
+    println!(
+        "Mutual TLS vs plaintext, acquire+release, one connection per host (median [min-max] of {runs} runs)"
+    );
+    println!(
+        "{:>3}  {:>24}  {:>24}  {:>24}  {:>24}  {:>18}",
+        "n",
+        "mTLS grants/s",
+        "plaintext grants/s",
+        "mTLS p99 ms",
+        "plaintext p99 ms",
+        "mTLS/plain grants"
+    );
+    let mut tls_rows = Vec::new();
+    for (n, (t, p)) in &tls {
+        let t_ops = stats(&t.iter().map(|r| r.ops_per_s).collect::<Vec<_>>());
+        let p_ops = stats(&p.iter().map(|r| r.ops_per_s).collect::<Vec<_>>());
+        let t_p99 = stats(&t.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
+        let p_p99 = stats(&p.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
+        let ratio = stats(
+            &t.iter()
+                .zip(p)
+                .map(|(a, b)| a.ops_per_s / b.ops_per_s)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "{n:>3}  {:>24}  {:>24}  {:>24}  {:>24}  {:>18}",
+            fmt(t_ops, 0),
+            fmt(p_ops, 0),
+            fmt(t_p99, 2),
+            fmt(p_p99, 2),
+            fmt(ratio, 2)
+        );
+        tls_rows.push(serde_json::json!({
+            "clients": n,
+            "mtls_grants_per_s": t_ops.0, "plaintext_grants_per_s": p_ops.0,
+            "mtls_p99_ms": t_p99.0, "plaintext_p99_ms": p_p99.0,
+            "ratio": ratio.0, "ratio_min": ratio.1, "ratio_max": ratio.2,
+        }));
+    }
     let json = serde_json::json!({
         "benchmark": "coordinator",
+        "mtls_vs_plaintext": tls_rows,
         "runs": runs,
         "seconds_per_run": seconds,
         "uncontended": json_rows,

@@ -18,7 +18,7 @@ use interlock_tests::{
 };
 use tonic::{
     Code, Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig},
 };
 
 use super::policy;
@@ -44,17 +44,10 @@ fn files(dir: &Path, sub: &str, name: &str) -> TlsFiles {
     }
 }
 
-async fn connect(url: &str, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(url.to_owned())
-        .expect("url")
-        .connect_timeout(Duration::from_secs(5))
-        .tls_config(tls)?
-        .connect()
-        .await
-}
+use client::tls_channel_with as connect;
 
 async fn channel_as(url: &str, files: &TlsFiles) -> Channel {
-    connect(url, files.client_config().expect("client tls"))
+    client::tls_channel(url, files)
         .await
         .unwrap_or_else(|e| panic!("connect as {}: {e:?}", files.cert.display()))
 }

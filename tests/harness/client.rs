@@ -30,6 +30,30 @@ pub async fn channel(url: &str) -> Channel {
     }
 }
 
+/// A mutual-TLS channel presenting `files` (a host's or an operator's certificate).
+pub async fn tls_channel(
+    url: &str,
+    files: &interlock_proto::tls::TlsFiles,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = files
+        .client_config()
+        .unwrap_or_else(|e| panic!("TLS files {}: {e}", files.cert.display()));
+    tls_channel_with(url, tls).await
+}
+
+/// A TLS channel with a hand-made client config (tests of what must not be served).
+pub async fn tls_channel_with(
+    url: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(url.to_owned())
+        .expect("valid url")
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
 pub fn agent(channel: &Channel) -> AgentClient<Channel> {
     AgentClient::new(channel.clone())
 }
