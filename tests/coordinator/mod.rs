@@ -3,6 +3,7 @@
 //! observed from the client side and asserts the invariant on that history.
 
 mod bad_input;
+mod bad_tls;
 mod budget;
 mod cap;
 mod cli;
