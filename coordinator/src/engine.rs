@@ -182,7 +182,8 @@ enum Cmd {
     Revoke {
         lease_id: String,
         reason: String,
-        operator: String,
+        /// The audit owner (`operator:<name>`, or `deny-list:<file>`).
+        owner: String,
         reply: Reply<()>,
     },
     Freeze {
@@ -784,7 +785,25 @@ impl Engine {
         self.send(|reply| Cmd::Revoke {
             lease_id,
             reason,
-            operator,
+            owner: format!("operator:{operator}"),
+            reply,
+        })
+        .await
+    }
+
+    /// Revokes a lease on behalf of something other than an operator's command (the deny
+    /// list), audited with `owner` as given.
+    pub async fn revoke_as(
+        &self,
+        lease_id: String,
+        reason: String,
+        owner: String,
+    ) -> Result<(), EngineError> {
+        check_text("reason", &reason, MAX_EVIDENCE)?;
+        self.send(|reply| Cmd::Revoke {
+            lease_id,
+            reason,
+            owner,
             reply,
         })
         .await
@@ -2220,11 +2239,11 @@ impl Actor {
             Cmd::Revoke {
                 lease_id,
                 reason,
-                operator,
+                owner,
                 reply,
             } => {
                 let r = self
-                    .end_lease(&lease_id, None, EndKind::Revoke { reason, operator })
+                    .end_lease(&lease_id, None, EndKind::Revoke { reason, owner })
                     .await;
                 self.finish(r, reply)
             }
@@ -2509,8 +2528,8 @@ impl Actor {
                 d.detail = json!({"outcome": outcome.as_str(), "detail": detail});
                 (outcome.as_str(), d)
             }
-            EndKind::Revoke { reason, operator } => {
-                let mut d = AuditDraft::new(AuditKind::Revoke, format!("operator:{operator}"));
+            EndKind::Revoke { reason, owner } => {
+                let mut d = AuditDraft::new(AuditKind::Revoke, owner);
                 d.reason = Some(reason);
                 ("revoked", d)
             }
@@ -2600,7 +2619,7 @@ impl Actor {
                 for id in chunk {
                     let kind = EndKind::Revoke {
                         reason: format!("freeze --revoke: {reason}"),
-                        operator: operator.clone(),
+                        owner: format!("operator:{operator}"),
                     };
                     if let Ok(ending) = self.end_lease_txn(id, None, kind, &mut tx) {
                         ended.push(ending);
@@ -2896,7 +2915,7 @@ impl Actor {
 
 enum EndKind {
     Release(Outcome, String),
-    Revoke { reason: String, operator: String },
+    Revoke { reason: String, owner: String },
 }
 
 fn observed(would: WouldBe) -> AcquireOutcome {

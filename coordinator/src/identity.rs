@@ -186,13 +186,7 @@ impl Refusal {
 
 impl Access {
     fn denied(&self, identity: &Identity) -> Option<Refusal> {
-        let key = identity.to_string();
-        self.deny.contains(&key).then(|| {
-            Refusal::new(
-                "denied",
-                format!("{key} is on the coordinator's deny list ([access] deny in the policy)"),
-            )
-        })
+        deny_refusal(identity, &self.deny, "[access] deny in the policy")
     }
 
     /// An operator call: the caller must be an operator whose role covers the action. Returns
@@ -258,6 +252,53 @@ impl Access {
             )),
         }
     }
+}
+
+/// Parses a deny list file: one identity a line (`host:<id>` or `operator:<name>`), blank lines
+/// and `#` comments ignored. Every bad line is reported, with its number.
+pub fn parse_deny_list(text: &str) -> Result<BTreeSet<String>, Vec<String>> {
+    let mut out = BTreeSet::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let ok = line.split_once(':').is_some_and(|(kind, name)| {
+            matches!(kind, "host" | "operator")
+                && !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        });
+        if ok {
+            out.insert(line.to_owned());
+        } else {
+            bad.push(format!(
+                "line {}: {line:?} is not \"host:<id>\" or \"operator:<name>\"",
+                i + 1
+            ));
+        }
+    }
+    if bad.is_empty() { Ok(out) } else { Err(bad) }
+}
+
+/// The refusal for an identity on a deny list loaded from `source`, if it is on it.
+pub fn deny_refusal(identity: &Identity, deny: &BTreeSet<String>, source: &str) -> Option<Refusal> {
+    let key = identity.to_string();
+    deny.contains(&key).then(|| {
+        Refusal::new(
+            "denied",
+            format!("{key} is on the coordinator's deny list ({source})"),
+        )
+    })
+}
+
+/// Hosts on `new` that were not on `old`: their live leases are revoked.
+pub fn newly_denied_hosts(old: &BTreeSet<String>, new: &BTreeSet<String>) -> Vec<String> {
+    new.difference(old)
+        .filter_map(|k| k.strip_prefix("host:").map(str::to_owned))
+        .collect()
 }
 
 #[cfg(test)]
@@ -377,6 +418,22 @@ mod tests {
                 .check,
             "denied"
         );
+    }
+
+    #[test]
+    fn deny_lists_parse_every_bad_line_and_diff_to_new_hosts() {
+        let text = "# revoked 2026-12-03\nhost:web-9\n\noperator:mallory  # left\n";
+        let deny = parse_deny_list(text).expect("valid");
+        assert_eq!(deny.len(), 2);
+        let err = parse_deny_list("host:\nweb-1\nhost:ok\nuser:x\n").expect_err("bad");
+        assert_eq!(err.len(), 3, "{err:?}");
+        assert!(err[0].starts_with("line 1:"), "{err:?}");
+        let old = parse_deny_list("host:a\n").expect("valid");
+        let new = parse_deny_list("host:a\nhost:b\noperator:c\n").expect("valid");
+        assert_eq!(newly_denied_hosts(&old, &new), vec!["b".to_owned()]);
+        let r = deny_refusal(&Identity::Host("b".into()), &new, "/etc/deny").expect("denied");
+        assert!(r.reason.contains("/etc/deny"));
+        assert!(deny_refusal(&Identity::Host("z".into()), &new, "x").is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod alert;
 pub mod audit;
 pub mod certs;
 pub mod cli;
+pub mod deny;
 pub mod engine;
 pub mod identity;
 pub mod metrics;

@@ -81,6 +81,10 @@ struct ServeArgs {
     /// `trust-domain` file beside --ca, else "interlock".
     #[arg(long)]
     trust_domain: Option<String>,
+    /// Identities refused everything, one a line (`host:<id>`, `operator:<name>`); re-read
+    /// within a second of a change, and a newly denied host's live leases are revoked.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    deny_file: Option<PathBuf>,
     /// Serve plaintext and trust the identities requests claim. For trying things out only:
     /// logs a warning at start and shows in `interlock status`.
     #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
@@ -256,7 +260,14 @@ fn security(args: &ServeArgs) -> anyhow::Result<Security> {
         cert: cert.clone(),
         key: key.clone(),
     };
-    Ok(tls::server_security(&files, &trust_domain)?)
+    let mut security = tls::server_security(&files, &trust_domain)?;
+    if let (Some(path), Security::Mtls { deny, .. }) = (&args.deny_file, &mut security) {
+        *deny = Some((
+            path.clone(),
+            interlock_coordinator::deny::DenyList::from_file(path)?,
+        ));
+    }
+    Ok(security)
 }
 
 async fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {

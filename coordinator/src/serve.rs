@@ -156,12 +156,27 @@ pub async fn run(
              that reaches this port can act as any host or operator; use --ca/--cert/--key"
         );
     }
+    let deny_task = match &options.security {
+        Security::Mtls {
+            deny: Some((path, list)),
+            ..
+        } => Some(tokio::spawn(crate::deny::watch_file(
+            path.clone(),
+            list.clone(),
+            engine.clone(),
+            stop_http.subscribe(),
+        ))),
+        _ => None,
+    };
     let grpc_result =
         server::serve_grpc(grpc, engine.clone(), options.security.clone(), shutdown).await;
     tracing::info!("gRPC stopped; stopping the engine");
     let _ = stop_engine.send(true);
     let _ = engine_task.await;
     let _ = stop_http.send(true);
+    if let Some(task) = deny_task {
+        let _ = task.await;
+    }
     if let Some(task) = http_task
         && let Ok(Err(e)) = task.await
     {

@@ -160,8 +160,15 @@ impl Services {
     async fn identity<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
         match &*self.security {
             Security::Insecure => Ok(None),
-            Security::Mtls { trust_domain, .. } => match peer_identity(request, trust_domain) {
-                Ok(id) => Ok(Some(id)),
+            Security::Mtls {
+                trust_domain, deny, ..
+            } => match peer_identity(request, trust_domain) {
+                Ok(id) => {
+                    if let Some(refusal) = deny.as_ref().and_then(|(_, list)| list.refusal(&id)) {
+                        return Err(self.refuse(id.to_string(), refusal).await);
+                    }
+                    Ok(Some(id))
+                }
                 Err(e) => {
                     let refusal = Refusal {
                         check: "no_identity",

@@ -27,6 +27,8 @@ pub enum Security {
     Mtls {
         config: ServerTlsConfig,
         trust_domain: String,
+        /// `--deny-file`, re-read on change (`deny`); the policy's `[access] deny` also applies.
+        deny: Option<(std::path::PathBuf, crate::deny::DenyList)>,
     },
     Insecure,
 }
@@ -123,6 +125,7 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
     Ok(Security::Mtls {
         config,
         trust_domain: trust_domain.to_owned(),
+        deny: None,
     })
 }
 

@@ -1052,6 +1052,7 @@ fn main() -> anyhow::Result<()> {
                 audit_retention: None,
                 env: Vec::new(),
                 tls: None,
+                args: Vec::new(),
             })?;
             c.wait_leader(Duration::from_secs(20))?;
             Ok(c)

@@ -425,3 +425,89 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     let counted = coordinator.metric("interlock_identity_refusals_total");
     assert!(counted >= 12.0, "refusals counted: {counted}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_put_on_the_deny_list_is_refused_without_a_restart_and_loses_its_leases() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("certs");
+    let d = dir.to_str().expect("utf-8");
+    certs_cli(&["init", d]);
+    for host in ["web-1", "web-2"] {
+        certs_cli(&["issue", "host", host, "--dir", d]);
+    }
+    certs_cli(&["issue", "operator", "vic", "--dir", d, "--role", "viewer"]);
+    let deny = tmp.path().join("deny");
+    std::fs::write(&deny, "# nobody yet\n").expect("deny file");
+    let text =
+        policy("5", "autonomous", 1000, 1000, "30s") + "\n[access.operators]\nvic = \"viewer\"\n";
+    let etcd = Etcd::start().expect("etcd");
+    let mut options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("deny"), &text);
+    options.tls = Some(dir.clone());
+    options.args = vec!["--deny-file".into(), deny.display().to_string()];
+    let coordinator = Coordinator::start(&options).expect("start coordinator");
+    coordinator
+        .wait_leader(Duration::from_secs(10))
+        .expect("leads");
+    let url = coordinator.tls_url();
+    let web1 = channel_as(&url, &files(&dir, "hosts", "web-1")).await;
+    let web2 = channel_as(&url, &files(&dir, "hosts", "web-2")).await;
+    let mut a1 = client::agent(&web1);
+    let mut a2 = client::agent(&web2);
+    client::register(&mut a1, "web-1", "api").await;
+    client::register(&mut a2, "web-2", "api").await;
+    let Got::Granted { lease_id, .. } =
+        client::acquire(&mut a1, "web-1", "disk_cleanup", "/a").await
+    else {
+        panic!("web-1 is granted before it is denied");
+    };
+
+    // Deny web-1 by editing the file the coordinator was started with.
+    std::fs::write(&deny, "host:web-1\n").expect("deny web-1");
+    let edited = std::time::Instant::now();
+    let mut refused_after = None;
+    while edited.elapsed() < Duration::from_secs(20) {
+        let r = a1
+            .heartbeat(pb::HeartbeatRequest {
+                host_id: "web-1".into(),
+            })
+            .await;
+        if let Err(s) = &r
+            && s.code() == Code::PermissionDenied
+        {
+            assert!(s.message().contains("deny list"), "{}", s.message());
+            refused_after = Some(edited.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused_after = refused_after.expect("a denied host must be refused without a restart");
+    eprintln!("deny list: web-1 refused {refused_after:?} after the file changed");
+    // Its lease is revoked and audited with the deny list as the owner; web-2 still works.
+    let vic = channel_as(&url, &files(&dir, "operators", "vic")).await;
+    let o = client::operator(&vic);
+    let mut revoked = None;
+    let started = std::time::Instant::now();
+    while revoked.is_none() && started.elapsed() < Duration::from_secs(20) {
+        let audit = client::audit(&o, None, None).await;
+        revoked = audit
+            .records
+            .into_iter()
+            .find(|r| r.kind == "revoke" && r.lease_id == lease_id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let revoked = revoked.expect("the denied host's lease is revoked");
+    assert!(revoked.owner.starts_with("deny-list:"), "{revoked:?}");
+    assert!(matches!(
+        client::acquire(&mut a2, "web-2", "disk_cleanup", "/b").await,
+        Got::Granted { .. }
+    ));
+    // A broken edit keeps the list in force rather than un-denying anyone.
+    std::fs::write(&deny, "host:\n").expect("broken deny file");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = a1
+        .heartbeat(pb::HeartbeatRequest {
+            host_id: "web-1".into(),
+        })
+        .await;
+    assert_eq!(r.expect_err("still denied").code(), Code::PermissionDenied);
+}

@@ -99,6 +99,8 @@ pub struct CoordinatorOptions {
     /// A certificate directory from `interlock certs init` to serve mutual TLS with; `None`
     /// serves `--insecure` (self-asserted identities).
     pub tls: Option<PathBuf>,
+    /// More `interlock serve` flags.
+    pub args: Vec<String>,
 }
 
 impl CoordinatorOptions {
@@ -114,6 +116,7 @@ impl CoordinatorOptions {
             audit_retention: None,
             env: Vec::new(),
             tls: None,
+            args: Vec::new(),
         }
     }
 }
@@ -186,6 +189,7 @@ impl Coordinator {
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
+        cmd.args(&options.args);
         let child = cmd.spawn().context("starting interlock serve")?;
         let mut c = Self {
             child,
