@@ -62,8 +62,17 @@ pub fn from_uris(uris: &[String], trust_domain: &str) -> Result<Identity, Identi
     }
 }
 
-/// `spiffe://<td>/host/<id>` or `spiffe://<td>/operator/<name>`; names are 1–253 bytes of
-/// `[A-Za-z0-9._-]`, the same rule the engine applies to host ids.
+/// A host id or operator name: 1–253 bytes of `[A-Za-z0-9._-]`, the same rule the engine
+/// applies to host ids.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `spiffe://<td>/host/<id>` or `spiffe://<td>/operator/<name>` (names as [`valid_name`]).
 pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Result<Identity, IdentityError> {
     let bad = || IdentityError::Unparsable(uri.to_owned(), trust_domain.to_owned());
     let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
@@ -75,12 +84,7 @@ pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Result<Identity, IdentityE
         });
     }
     let (kind, name) = path.split_once('/').ok_or_else(bad)?;
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if !valid {
+    if !valid_name(name) {
         return Err(bad());
     }
     match kind {
@@ -264,13 +268,9 @@ pub fn parse_deny_list(text: &str) -> Result<BTreeSet<String>, Vec<String>> {
         if line.is_empty() {
             continue;
         }
-        let ok = line.split_once(':').is_some_and(|(kind, name)| {
-            matches!(kind, "host" | "operator")
-                && !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
+        let ok = line
+            .split_once(':')
+            .is_some_and(|(kind, name)| matches!(kind, "host" | "operator") && valid_name(name));
         if ok {
             out.insert(line.to_owned());
         } else {

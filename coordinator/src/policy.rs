@@ -616,12 +616,7 @@ fn validate_access(raw: RawAccess, problems: &mut Problems) -> Access {
     let mut access = Access::default();
     for (name, role) in operators {
         let path = format!("access.operators.{name}");
-        let valid_name = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid_name {
+        if !crate::identity::valid_name(&name) {
             problems.push(
                 &path,
                 "an operator name is 1-253 characters of letters, digits, '.', '_' or '-'",
@@ -645,9 +640,9 @@ fn validate_access(raw: RawAccess, problems: &mut Problems) -> Access {
         };
     }
     for (i, who) in deny.into_iter().enumerate() {
-        let ok = who
-            .split_once(':')
-            .is_some_and(|(kind, name)| matches!(kind, "host" | "operator") && !name.is_empty());
+        let ok = who.split_once(':').is_some_and(|(kind, name)| {
+            matches!(kind, "host" | "operator") && crate::identity::valid_name(name)
+        });
         if ok {
             access.deny.insert(who);
         } else {

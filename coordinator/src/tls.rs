@@ -101,26 +101,18 @@ pub fn check_validity(path: &str, facts: &CertFacts, now_unix: i64) -> Result<()
 /// The coordinator's mutual-TLS config from its files, all checked now.
 pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
     let (ca, identity) = files.load()?;
-    let cert_pem = std::fs::read(&files.cert).map_err(|source| TlsFileError::Read {
-        path: files.cert.clone(),
-        source,
-    })?;
-    let path = files.cert.display().to_string();
-    let facts = cert_facts_pem(&cert_pem).map_err(|message| TlsError::Certificate {
-        path: path.clone(),
-        message,
-    })?;
-    check_validity(&path, &facts, unix_now())?;
-    let ca_pem = std::fs::read(&files.ca).map_err(|source| TlsFileError::Read {
-        path: files.ca.clone(),
-        source,
-    })?;
-    let ca_path = files.ca.display().to_string();
-    let ca_facts = cert_facts_pem(&ca_pem).map_err(|message| TlsError::Certificate {
-        path: ca_path.clone(),
-        message,
-    })?;
-    check_validity(&ca_path, &ca_facts, unix_now())?;
+    for path in [&files.cert, &files.ca] {
+        let pem = std::fs::read(path).map_err(|source| TlsFileError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let shown = path.display().to_string();
+        let facts = cert_facts_pem(&pem).map_err(|message| TlsError::Certificate {
+            path: shown.clone(),
+            message,
+        })?;
+        check_validity(&shown, &facts, unix_now())?;
+    }
     let config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
     Ok(Security::Mtls {
         config,

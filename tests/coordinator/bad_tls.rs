@@ -79,13 +79,7 @@ fn bad_tls_files_stop_serve_and_the_cli_before_anything_is_sent() {
         "nope.pem",
     );
     // An expired server certificate.
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs(),
-    )
-    .expect("time");
+    let now = i64::try_from(interlock_tests::agent::unix_ms() / 1000).expect("time");
     certs::issue_coordinator(
         &dir,
         &[],

@@ -62,6 +62,13 @@ fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>, needle: 
     }
 }
 
+fn set_mode(mode: &str) -> pb::SetModeRequest {
+    pb::SetModeRequest {
+        class: "disk_cleanup".into(),
+        mode: mode.into(),
+    }
+}
+
 fn acquire(host: &str, class: &str, target: &str) -> pb::AcquireRequest {
     client::acquire_request(host, class, target)
 }
@@ -105,13 +112,7 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
         "--dir",
         other.to_str().expect("utf-8"),
     ]);
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs(),
-    )
-    .expect("time");
+    let now = i64::try_from(interlock_tests::agent::unix_ms() / 1000).expect("time");
     let expired_dir = tmp.path().join("expired");
     std::fs::create_dir_all(&expired_dir).expect("mkdir");
     for f in ["ca.pem", "ca.key", "trust-domain"] {
@@ -149,10 +150,7 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     // The allowed case first: ada (admin) makes disk_cleanup autonomous.
     let mut o_ada = client::operator(&ada);
     o_ada
-        .set_mode(pb::SetModeRequest {
-            class: "disk_cleanup".into(),
-            mode: "autonomous".into(),
-        })
+        .set_mode(set_mode("autonomous"))
         .await
         .expect("an admin may switch to autonomous");
 
@@ -281,34 +279,19 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     );
     refused(
         "a viewer changing a mode",
-        o_vic
-            .set_mode(pb::SetModeRequest {
-                class: "disk_cleanup".into(),
-                mode: "observe".into(),
-            })
-            .await,
+        o_vic.set_mode(set_mode("observe")).await,
         "it needs operator",
     );
     let mut o_erin = client::operator(&erin);
     refused(
         "an approver switching to autonomous",
-        o_erin
-            .set_mode(pb::SetModeRequest {
-                class: "disk_cleanup".into(),
-                mode: "autonomous".into(),
-            })
-            .await,
+        o_erin.set_mode(set_mode("autonomous")).await,
         "it needs admin",
     );
     let mut o_carol = client::operator(&carol);
     refused(
         "an operator switching to autonomous",
-        o_carol
-            .set_mode(pb::SetModeRequest {
-                class: "disk_cleanup".into(),
-                mode: "autonomous".into(),
-            })
-            .await,
+        o_carol.set_mode(set_mode("autonomous")).await,
         "it needs admin",
     );
 

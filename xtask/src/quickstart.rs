@@ -162,15 +162,11 @@ pub fn run(bin: &Path, once: bool) -> anyhow::Result<()> {
     let log = |name: &str| -> anyhow::Result<Stdio> {
         Ok(Stdio::from(std::fs::File::create(state.join(name))?))
     };
-    let coordinator = Command::new(bin.join("interlock"))
+    let mut coordinator = Command::new(bin.join("interlock"));
+    coordinator
         .args(["serve", "--listen", "127.0.0.1:7400", "--config"])
-        .arg(root().join("deploy/quickstart/policy.toml"))
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--key")
-        .arg(certs.join("coordinator.key"))
+        .arg(root().join("deploy/quickstart/policy.toml"));
+    let coordinator = tls_args(&mut coordinator, &certs, "coordinator")
         .arg("--data-dir")
         .arg(state.join("store"))
         .stdout(log("coordinator.log")?)
@@ -261,17 +257,21 @@ fn fill_demo_disk(logs: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--ca --cert --key` for the identity whose files are `<certs>/<who>.pem|.key`.
+fn tls_args<'a>(cmd: &'a mut Command, certs: &Path, who: &str) -> &'a mut Command {
+    cmd.arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join(format!("{who}.pem")))
+        .arg("--key")
+        .arg(certs.join(format!("{who}.key")))
+}
+
 /// Runs the `interlock` CLI against the quickstart's coordinator; its stdout on success.
 fn cli(bin: &Path, certs: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(bin.join("interlock"));
-    cmd.args(["--coordinator", COORDINATOR])
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("operators/quickstart.pem"))
-        .arg("--key")
-        .arg(certs.join("operators/quickstart.key"))
-        .args(args);
+    cmd.args(["--coordinator", COORDINATOR]);
+    tls_args(&mut cmd, certs, "operators/quickstart").args(args);
     let out = cmd
         .output()
         .with_context(|| format!("running {}", describe(&cmd)))?;
