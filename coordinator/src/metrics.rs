@@ -66,6 +66,9 @@ pub const FAILPOINT_HITS_TOTAL: &str = "interlock_failpoint_hits_total";
 /// Calls refused because of who made them, by the check (`no_identity`, `other_host`, `role`,
 /// `wrong_kind`, `denied`).
 pub const IDENTITY_REFUSALS_TOTAL: &str = "interlock_identity_refusals_total";
+/// When a certificate this coordinator serves with stops being valid (unix seconds), by
+/// certificate (`coordinator`, `ca`): alert on `interlock_cert_not_after_seconds - time()`.
+pub const CERT_NOT_AFTER: &str = "interlock_cert_not_after_seconds";
 
 /// The `class` label value of the fleet-wide kill switch in [`FROZEN`].
 pub const KILL_SWITCH_CLASS: &str = "*";
@@ -163,6 +166,12 @@ struct Metrics {
     live_hosts: Family<ServiceLabels, Gauge>,
     failpoint_hits: Family<FailpointLabels, Counter>,
     identity_refusals: Family<CheckLabels, Counter>,
+    cert_not_after: Family<CertLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    cert: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -212,6 +221,7 @@ impl CoordinatorMetrics {
             live_hosts: Family::default(),
             failpoint_hits: Family::default(),
             identity_refusals: Family::default(),
+            cert_not_after: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -298,6 +308,11 @@ impl CoordinatorMetrics {
             counter_family_name(IDENTITY_REFUSALS_TOTAL),
             "Calls refused because of the caller's verified identity, by the check that refused",
             metrics.identity_refusals.clone(),
+        );
+        registry.register(
+            CERT_NOT_AFTER,
+            "When each certificate the coordinator serves with expires, in unix seconds",
+            metrics.cert_not_after.clone(),
         );
         CoordinatorMetrics {
             inner: Arc::new(Metrics {
@@ -439,6 +454,15 @@ impl CoordinatorMetrics {
     }
 
     /// The test failpoint `name` was reached (only configured failpoints are ever hit).
+    pub fn set_cert_not_after(&self, cert: &str, unix_seconds: i64) {
+        self.inner
+            .cert_not_after
+            .get_or_create(&CertLabels {
+                cert: cert.to_owned(),
+            })
+            .set(unix_seconds);
+    }
+
     pub fn identity_refused(&self, check: &str) {
         self.inner
             .identity_refusals

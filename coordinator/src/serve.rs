@@ -115,6 +115,11 @@ pub async fn run(
     for (name, class) in &policy.classes {
         metrics.set_budget_max(name.as_str(), class.budget.fleet.max);
     }
+    if let Security::Mtls { not_after, .. } = &options.security {
+        for (which, at) in not_after {
+            metrics.set_cert_not_after(which, *at);
+        }
+    }
     let engine = Engine::new(
         store,
         kind,

@@ -29,6 +29,8 @@ pub enum Security {
         trust_domain: String,
         /// `--deny-file`, re-read on change (`deny`); the policy's `[access] deny` also applies.
         deny: Option<(std::path::PathBuf, crate::deny::DenyList)>,
+        /// `(which, not_after unix seconds)` of the coordinator's certificate and the CA.
+        not_after: Vec<(&'static str, i64)>,
     },
     Insecure,
 }
@@ -101,7 +103,8 @@ pub fn check_validity(path: &str, facts: &CertFacts, now_unix: i64) -> Result<()
 /// The coordinator's mutual-TLS config from its files, all checked now.
 pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
     let (ca, identity) = files.load()?;
-    for path in [&files.cert, &files.ca] {
+    let mut not_after = Vec::new();
+    for (which, path) in [("coordinator", &files.cert), ("ca", &files.ca)] {
         let pem = std::fs::read(path).map_err(|source| TlsFileError::Read {
             path: path.clone(),
             source,
@@ -112,12 +115,14 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
             message,
         })?;
         check_validity(&shown, &facts, unix_now())?;
+        not_after.push((which, facts.not_after_unix));
     }
     let config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
     Ok(Security::Mtls {
         config,
         trust_domain: trust_domain.to_owned(),
         deny: None,
+        not_after,
     })
 }
 

@@ -405,6 +405,9 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     assert_eq!(by("operator:vic"), 3, "{refusals:?}");
     assert_eq!(by("operator:erin"), 1, "{refusals:?}");
     assert_eq!(by("operator:carol"), 1, "{refusals:?}");
+    // The coordinator's certificate expiry is a metric (90 days from `certs init`).
+    let not_after = coordinator.metric("interlock_cert_not_after_seconds{cert=\"coordinator\"}");
+    assert!(not_after > (now + 80 * 86_400) as f64, "{not_after}");
     let counted = coordinator.metric("interlock_identity_refusals_total");
     assert!(counted >= 12.0, "refusals counted: {counted}");
 }
