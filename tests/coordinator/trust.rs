@@ -36,6 +36,18 @@ fn certs_cli(args: &[&str]) {
     );
 }
 
+/// A CA in `dir` and certificates for these hosts and operators, through the real CLI.
+fn issue_all(dir: &Path, hosts: &[&str], operators: &[(&str, &str)]) {
+    let d = dir.to_str().expect("utf-8 path");
+    certs_cli(&["init", d]);
+    for host in hosts {
+        certs_cli(&["issue", "host", host, "--dir", d]);
+    }
+    for (name, role) in operators {
+        certs_cli(&["issue", "operator", name, "--dir", d, "--role", role]);
+    }
+}
+
 fn files(dir: &Path, sub: &str, name: &str) -> TlsFiles {
     TlsFiles {
         ca: dir.join("ca.pem"),
@@ -78,18 +90,16 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("certs");
     let d = dir.to_str().expect("utf-8 path");
-    certs_cli(&["init", d]);
-    for host in ["web-1", "web-2"] {
-        certs_cli(&["issue", "host", host, "--dir", d]);
-    }
-    for (name, role) in [
-        ("vic", "viewer"),
-        ("erin", "approver"),
-        ("carol", "operator"),
-        ("ada", "admin"),
-    ] {
-        certs_cli(&["issue", "operator", name, "--dir", d, "--role", role]);
-    }
+    issue_all(
+        &dir,
+        &["web-1", "web-2"],
+        &[
+            ("vic", "viewer"),
+            ("erin", "approver"),
+            ("carol", "operator"),
+            ("ada", "admin"),
+        ],
+    );
     // Keys are written 0600; a second issue never overwrites one.
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(dir.join("hosts/web-1.key"))
@@ -416,12 +426,7 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
 async fn a_host_put_on_the_deny_list_is_refused_without_a_restart_and_loses_its_leases() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("certs");
-    let d = dir.to_str().expect("utf-8");
-    certs_cli(&["init", d]);
-    for host in ["web-1", "web-2"] {
-        certs_cli(&["issue", "host", host, "--dir", d]);
-    }
-    certs_cli(&["issue", "operator", "vic", "--dir", d, "--role", "viewer"]);
+    issue_all(&dir, &["web-1", "web-2"], &[("vic", "viewer")]);
     let deny = tmp.path().join("deny");
     std::fs::write(&deny, "# nobody yet\n").expect("deny file");
     let text =

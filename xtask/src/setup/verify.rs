@@ -577,6 +577,27 @@ pub fn parse_dependency_file(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where the manifest's program `name` is found, or the verdict that what it reads (`subject`)
+/// cannot be checked.
+fn tool(name: &'static str, subject: &str, path_env: &OsString) -> Result<PathBuf, Verdict> {
+    let program = manifest::PROGRAMS
+        .iter()
+        .find(|p| p.locate == Locate::Path(name))
+        .copied()
+        .unwrap_or(Program {
+            locate: Locate::Path("(unlisted)"),
+            package: "(unlisted)",
+        });
+    locate(program, path_env).hops.first().cloned().ok_or_else(|| {
+        Verdict::failed(
+            subject,
+            format!(
+                "{name} is not installed, so what it reads cannot be checked: run `cargo xtask setup`"
+            ),
+        )
+    })
+}
+
 /// Asks protoc which files it reads for each proto root, and judges the ones outside the
 /// crates' own sources (the workspace and cargo's registry).
 pub fn check_protoc_includes(
@@ -584,13 +605,9 @@ pub fn check_protoc_includes(
     path_env: &OsString,
     dpkg: &Dpkg,
 ) -> anyhow::Result<Vec<Verdict>> {
-    let protoc = locate(manifest::PROGRAMS[1], path_env);
-    debug_assert_eq!(protoc.subject, "program protoc");
-    let Some(protoc_path) = protoc.hops.first().cloned() else {
-        return Ok(vec![Verdict::failed(
-            "protoc includes",
-            "protoc is not installed, so what it reads cannot be checked: run `cargo xtask setup`",
-        )]);
+    let protoc_path = match tool("protoc", "protoc includes", path_env) {
+        Ok(path) => path,
+        Err(v) => return Ok(vec![v]),
     };
     let tmp = tempfile::tempdir()?;
     let mut verdicts = Vec::new();
@@ -671,13 +688,9 @@ pub fn check_linker_inputs(
     path_env: &OsString,
     dpkg: &Dpkg,
 ) -> anyhow::Result<Vec<Verdict>> {
-    let cc = locate(manifest::PROGRAMS[0], path_env);
-    debug_assert_eq!(cc.subject, "program cc");
-    let Some(cc_path) = cc.hops.first().cloned() else {
-        return Ok(vec![Verdict::failed(
-            "linker inputs",
-            "cc is not installed, so what it reads cannot be checked: run `cargo xtask setup`",
-        )]);
+    let cc_path = match tool("cc", "linker inputs", path_env) {
+        Ok(path) => path,
+        Err(v) => return Ok(vec![v]),
     };
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("main.c");
