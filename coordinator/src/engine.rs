@@ -1220,21 +1220,18 @@ impl Actor {
             .prefix_ends(&keys.audit())
             .await
             .map_err(|e| format!("loading the audit head: {e}"))?;
+        // One bad write must not stop every replica from leading: each undecodable key is
+        // quarantined (the view keeps the safer value in its place) and reported.
         let (view, bad) = View::load(keys, &state_kvs);
         for b in &bad {
             tracing::error!(
                 key = b.key,
                 error = b.error,
-                "undecodable key in the store; an operator must repair or delete it"
+                kept = b.kept,
+                "undecodable key in the store quarantined; an operator must repair or delete it"
             );
         }
-        if !bad.is_empty() {
-            return Err(format!(
-                "{} undecodable keys under the prefix (first: {})",
-                bad.len(),
-                bad[0].key
-            ));
-        }
+        self.inner.metrics.set_quarantined_keys(bad.len());
         self.audit_oldest = match &first {
             Some(kv) => serde_json::from_slice::<AuditRecord>(&kv.value)
                 .map(|r| r.seq)

@@ -69,6 +69,9 @@ pub const IDENTITY_REFUSALS_TOTAL: &str = "interlock_identity_refusals_total";
 /// When a certificate this coordinator serves with stops being valid (unix seconds), by
 /// certificate (`coordinator`, `ca`): alert on `interlock_cert_not_after_seconds - time()`.
 pub const CERT_NOT_AFTER: &str = "interlock_cert_not_after_seconds";
+/// Keys under the prefix that did not decode at the last load and were quarantined (the view
+/// holds the safer value in their place); anything but 0 needs an operator.
+pub const QUARANTINED_KEYS: &str = "interlock_quarantined_keys";
 
 /// The `class` label value of the fleet-wide kill switch in [`FROZEN`].
 pub const KILL_SWITCH_CLASS: &str = "*";
@@ -167,6 +170,7 @@ struct Metrics {
     failpoint_hits: Family<FailpointLabels, Counter>,
     identity_refusals: Family<CheckLabels, Counter>,
     cert_not_after: Family<CertLabels, Gauge>,
+    quarantined_keys: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -222,6 +226,7 @@ impl CoordinatorMetrics {
             failpoint_hits: Family::default(),
             identity_refusals: Family::default(),
             cert_not_after: Family::default(),
+            quarantined_keys: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -313,6 +318,11 @@ impl CoordinatorMetrics {
             CERT_NOT_AFTER,
             "When each certificate the coordinator serves with expires, in unix seconds",
             metrics.cert_not_after.clone(),
+        );
+        registry.register(
+            QUARANTINED_KEYS,
+            "Undecodable keys quarantined at the last load (the safer value is used instead)",
+            metrics.quarantined_keys.clone(),
         );
         CoordinatorMetrics {
             inner: Arc::new(Metrics {
@@ -454,6 +464,12 @@ impl CoordinatorMetrics {
     }
 
     /// The test failpoint `name` was reached (only configured failpoints are ever hit).
+    pub fn set_quarantined_keys(&self, n: usize) {
+        self.inner
+            .quarantined_keys
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     pub fn set_cert_not_after(&self, cert: &str, unix_seconds: i64) {
         self.inner
             .cert_not_after

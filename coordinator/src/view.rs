@@ -209,12 +209,17 @@ pub struct View {
     pub policy_loaded: Option<String>,
 }
 
-/// A key under the prefix that did not decode; reported, never silently dropped.
+/// A key under the prefix that did not decode; reported, never silently dropped, and
+/// quarantined: the view takes the safer value in its place (`kept` says which).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Undecodable {
     pub key: String,
     pub error: String,
+    pub kept: String,
 }
+
+/// Who owns the safe values a quarantine puts in the view.
+pub const QUARANTINE_OWNER: &str = "store-quarantine";
 
 impl View {
     /// Builds the view from every key under the prefix (one range read). Audit records and
@@ -225,13 +230,88 @@ impl View {
         let mut bad = Vec::new();
         for kv in kvs {
             if let Err(error) = view.apply_put(keys, kv) {
+                let kept = view.quarantine(keys, &kv.key, kv);
                 bad.push(Undecodable {
                     key: kv.key.clone(),
                     error,
+                    kept,
                 });
             }
         }
         (view, bad)
+    }
+
+    /// Puts the safer value in place of a key that did not decode, so one bad write can
+    /// neither stop the coordinator from leading nor lift a safety stop: a freeze key freezes,
+    /// a mode key means observe, a budget key freezes its class, a slot key stays held (its
+    /// store lease still ends it), a host or approval key counts as absent (fewer live hosts
+    /// only shrink a percentage cap; an unreadable approval cannot be approved). Returns what
+    /// was kept, for the operator.
+    fn quarantine(&mut self, keys: &Keys, key: &str, kv: &Kv) -> String {
+        let Some(rest) = key.strip_prefix(&keys.root()) else {
+            return "ignored (outside the prefix)".into();
+        };
+        let frozen = |what: &str| FreezeRecord {
+            reason: format!(
+                "undecodable {what} key {key} quarantined; repair or delete it, then unfreeze"
+            ),
+            owner: QUARANTINE_OWNER.to_owned(),
+            since: UnixMillis(0),
+            cause: crate::admission::FreezeCause::Operator,
+        };
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("freeze"), Some("all"), None, None) => {
+                self.kill_switch = Some(frozen("kill-switch"));
+                "kill switch on".into()
+            }
+            (Some("freeze"), Some("class"), Some(class), None) => {
+                self.class_freezes
+                    .insert(class.to_owned(), frozen("freeze"));
+                format!("class {class} frozen")
+            }
+            (Some("freeze"), Some("host"), Some(class), Some(host)) => {
+                self.host_blocks
+                    .insert((class.to_owned(), host.to_owned()), frozen("host block"));
+                format!("host {host} blocked for {class}")
+            }
+            (Some("budget"), Some(class), None, None) => {
+                self.class_freezes
+                    .insert(class.to_owned(), frozen("budget"));
+                format!("class {class} frozen")
+            }
+            (Some("mode"), Some(class), None, None) => {
+                self.modes.insert(class.to_owned(), Mode::Observe);
+                format!("class {class} in observe mode")
+            }
+            (Some("slots"), Some(class), Some(service), Some(slot)) => {
+                let slot: u32 = slot.parse().unwrap_or(u32::MAX);
+                let id = format!("quarantined:{key}");
+                self.leases.insert(
+                    id.clone(),
+                    LeaseEntry {
+                        record: LeaseRecord {
+                            lease_id: id,
+                            host: QUARANTINE_OWNER.to_owned(),
+                            class: class.to_owned(),
+                            service: service.to_owned(),
+                            target: String::new(),
+                            slot,
+                            granted_at: UnixMillis(0),
+                            ttl_ms: 0,
+                            verification_window_ms: 0,
+                            approver: None,
+                        },
+                        token: u64::try_from(kv.mod_revision).unwrap_or(0),
+                        store_lease: kv.lease,
+                    },
+                );
+                format!("slot {slot} of {class}/{service} counted as held")
+            }
+            (Some("hosts"), Some(host), None, None) => format!("host {host} not counted as live"),
+            (Some("approvals"), Some(id), None, None) => format!("approval {id} ignored"),
+            _ => "ignored".into(),
+        }
     }
 
     /// Applies one stored key (from a load or a watch).
@@ -415,6 +495,48 @@ mod tests {
             "target": "/var/log", "slot": slot, "granted_at": 1000, "ttl_ms": 30000,
             "verification_window_ms": 60000
         })
+    }
+
+    #[test]
+    fn undecodable_keys_are_quarantined_with_the_safer_value() {
+        let keys = Keys::new("/p");
+        let garbage = |key: String| Kv {
+            key,
+            value: b"\xff not json".to_vec(),
+            create_revision: 7,
+            mod_revision: 7,
+            lease: 42,
+        };
+        let root = keys.root();
+        let kvs = vec![
+            garbage(format!("{root}freeze/all")),
+            garbage(format!("{root}mode/process_restart")),
+            garbage(format!("{root}budget/disk_cleanup")),
+            garbage(format!("{root}slots/disk_cleanup/web/0")),
+            garbage(format!("{root}hosts/web-1")),
+            garbage(format!("{root}approvals/a1")),
+        ];
+        let (view, bad) = View::load(&keys, &kvs);
+        assert_eq!(bad.len(), 6, "every bad key is reported: {bad:?}");
+        assert!(view.kill_switch.is_some(), "a corrupt kill switch stays on");
+        assert_eq!(view.modes["process_restart"], Mode::Observe);
+        assert!(view.class_freezes.contains_key("disk_cleanup"));
+        let scope = Scope {
+            class: "disk_cleanup".into(),
+            service: "web".into(),
+        };
+        assert_eq!(view.held_slots(&scope), [0].into_iter().collect());
+        assert!(view.hosts.is_empty() && view.approvals.is_empty());
+        assert!(
+            bad.iter()
+                .all(|b| !b.kept.is_empty() && !b.error.is_empty())
+        );
+        assert!(
+            view.class_freezes["disk_cleanup"]
+                .reason
+                .contains("budget/disk_cleanup"),
+            "the freeze names the key"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod failover;
 mod graph;
 mod late_outcome;
 mod modes;
+mod quarantine;
 mod trust;
 
 use interlock_tests::{
