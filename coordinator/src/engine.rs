@@ -2431,6 +2431,12 @@ impl Actor {
         host: String,
         labels: BTreeMap<String, String>,
     ) -> Result<Duration, Result<EngineError, String>> {
+        crate::view::check_reregistration(
+            &host,
+            self.view.hosts.get(&host).map(|h| &h.record),
+            &labels,
+        )
+        .map_err(|m| Ok(EngineError::FailedPrecondition(m)))?;
         let ttl = self.inner.cfg.host_ttl;
         let lease = self
             .inner

@@ -118,6 +118,30 @@ impl HostRecord {
     }
 }
 
+/// A live host may register again (an agent restart), but not move to another service: that
+/// would move it, and its caps, to another scope without anyone deciding so. It may once its
+/// registration has expired.
+pub fn check_reregistration(
+    host: &str,
+    existing: Option<&HostRecord>,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let (Some(old), Some(new)) = (
+        existing.and_then(HostRecord::service),
+        labels.get("service"),
+    ) else {
+        return Ok(());
+    };
+    if old == new {
+        return Ok(());
+    }
+    Err(format!(
+        "host {host} is registered in service {old:?}; a live host cannot move to {new:?}: stop \
+         its agent and register again once its registration expires (the coordinator's \
+         --host-ttl)"
+    ))
+}
+
 /// A registered host in the view, with the store lease that keeps it alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostEntry {
@@ -495,6 +519,19 @@ mod tests {
             "target": "/var/log", "slot": slot, "granted_at": 1000, "ttl_ms": 30000,
             "verification_window_ms": 60000
         })
+    }
+
+    #[test]
+    fn a_live_host_cannot_change_its_service() {
+        let labels = |s: &str| BTreeMap::from([("service".to_owned(), s.to_owned())]);
+        let api = HostRecord {
+            labels: labels("api"),
+            registered_at: UnixMillis(1),
+        };
+        assert!(check_reregistration("h", None, &labels("db")).is_ok());
+        assert!(check_reregistration("h", Some(&api), &labels("api")).is_ok());
+        let e = check_reregistration("h", Some(&api), &labels("db")).expect_err("moves");
+        assert!(e.contains("\"api\"") && e.contains("\"db\""), "{e}");
     }
 
     #[test]

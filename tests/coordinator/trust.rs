@@ -157,6 +157,16 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     let mut a2 = client::agent(&web2);
     client::register(&mut a1, "web-1", "api").await;
     client::register(&mut a2, "web-2", "api").await;
+    // Even with its own key, a live host cannot move itself to another scope.
+    let moved = a2
+        .register(pb::RegisterRequest {
+            host_id: "web-2".into(),
+            labels: [("service".to_owned(), "db".to_owned())].into(),
+        })
+        .await
+        .expect_err("a live host cannot change service");
+    assert_eq!(moved.code(), Code::FailedPrecondition, "{moved:?}");
+    assert!(moved.message().contains("cannot move"), "{moved:?}");
     // The allowed case first: ada (admin) makes disk_cleanup autonomous.
     let mut o_ada = client::operator(&ada);
     o_ada
