@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::{
     engine::Engine,
     identity::{self, Identity, Refusal},
+    view::View,
 };
 
 /// How often the file is looked at; a denial takes effect within about this long.
@@ -66,10 +67,23 @@ impl DenyList {
         identity::deny_refusal(identity, &set, &self.source)
     }
 
+    fn current(&self) -> BTreeSet<String> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn replace(&self, new: BTreeSet<String>) -> BTreeSet<String> {
         let mut set = self.inner.write().unwrap_or_else(|p| p.into_inner());
         std::mem::replace(&mut *set, new)
     }
+}
+
+/// The live leases these hosts hold, as (host, lease id): what a deny must revoke.
+fn leases_of(view: &View, hosts: &BTreeSet<String>) -> Vec<(String, String)> {
+    view.leases
+        .values()
+        .filter(|l| hosts.contains(&l.record.host))
+        .map(|l| (l.record.host.clone(), l.record.lease_id.clone()))
+        .collect()
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -87,7 +101,11 @@ pub async fn watch_file(
 ) {
     let owner = format!("deny-list:{}", path.display());
     let mut last = stamp(&path);
-    let mut pending_hosts: Vec<String> = Vec::new();
+    // Hosts denied when the coordinator starts lose their leases too.
+    let mut pending_hosts: BTreeSet<String> =
+        identity::newly_denied_hosts(&BTreeSet::new(), &list.current())
+            .into_iter()
+            .collect();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -109,32 +127,79 @@ pub async fn watch_file(
             }
         }
         // Leases granted to a denied host (including any that raced the reload) are revoked;
-        // a host stays in `pending_hosts` while it is denied and holds leases.
+        // a host stays pending while it is denied.
         pending_hosts.retain(|h| list.refusal(&Identity::Host(h.clone())).is_some());
-        for host in &pending_hosts {
-            let snap = engine.snapshot();
-            if !snap.leader {
-                continue;
-            }
-            let leases: Vec<String> = snap
-                .view
-                .leases
-                .values()
-                .filter(|l| &l.record.host == host)
-                .map(|l| l.record.lease_id.clone())
-                .collect();
-            for lease_id in leases {
-                let reason = format!("host:{host} is on the deny list");
-                match engine
-                    .revoke_as(lease_id.clone(), reason, owner.clone())
-                    .await
-                {
-                    Ok(()) => tracing::warn!(host, lease_id, "lease of a denied host revoked"),
-                    Err(e) => {
-                        tracing::warn!(host, lease_id, error = %e, "cannot revoke yet; retrying")
-                    }
+        let snap = engine.snapshot();
+        if !snap.leader {
+            continue;
+        }
+        for (host, lease_id) in leases_of(&snap.view, &pending_hosts) {
+            let reason = format!("host:{host} is on the deny list");
+            match engine
+                .revoke_as(lease_id.clone(), reason, owner.clone())
+                .await
+            {
+                Ok(()) => tracing::warn!(host, lease_id, "lease of a denied host revoked"),
+                Err(e) => {
+                    tracing::warn!(host, lease_id, error = %e, "cannot revoke yet; retrying")
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        admission::UnixMillis,
+        view::{LeaseEntry, LeaseRecord},
+    };
+
+    fn lease(id: &str, host: &str) -> (String, LeaseEntry) {
+        (
+            id.to_owned(),
+            LeaseEntry {
+                record: LeaseRecord {
+                    lease_id: id.to_owned(),
+                    host: host.to_owned(),
+                    class: "c".into(),
+                    service: "s".into(),
+                    target: "/t".into(),
+                    slot: 0,
+                    granted_at: UnixMillis(0),
+                    ttl_ms: 1000,
+                    verification_window_ms: 1000,
+                    approver: None,
+                },
+                token: 1,
+                store_lease: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn only_the_denied_hosts_leases_are_chosen() {
+        let view = View {
+            leases: [
+                lease("l1", "web-1"),
+                lease("l2", "web-2"),
+                lease("l3", "web-1"),
+            ]
+            .into_iter()
+            .collect(),
+            ..View::default()
+        };
+        let denied: BTreeSet<String> = ["web-1".to_owned()].into();
+        let mut got = leases_of(&view, &denied);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("web-1".to_owned(), "l1".to_owned()),
+                ("web-1".to_owned(), "l3".to_owned())
+            ]
+        );
+        assert!(leases_of(&view, &BTreeSet::new()).is_empty());
     }
 }

@@ -780,15 +780,9 @@ impl Engine {
         reason: String,
         operator: String,
     ) -> Result<(), EngineError> {
-        check_text("reason", &reason, MAX_EVIDENCE)?;
         check_operator(&operator)?;
-        self.send(|reply| Cmd::Revoke {
-            lease_id,
-            reason,
-            owner: format!("operator:{operator}"),
-            reply,
-        })
-        .await
+        self.revoke_as(lease_id, reason, format!("operator:{operator}"))
+            .await
     }
 
     /// Revokes a lease on behalf of something other than an operator's command (the deny

@@ -955,8 +955,7 @@ impl Services {
             .snapshot()
             .view
             .leases
-            .values()
-            .find(|l| l.record.lease_id == lease_id)
+            .get(lease_id)
             .map(|l| l.record.host.clone())
     }
 

@@ -48,6 +48,19 @@ fn issue_all(dir: &Path, hosts: &[&str], operators: &[(&str, &str)]) {
     }
 }
 
+/// A real etcd and a leading coordinator serving mutual TLS with the certificates in `dir`.
+fn start_mtls(test: &str, dir: &Path, policy: &str, args: Vec<String>) -> (Etcd, Coordinator) {
+    let etcd = Etcd::start().expect("etcd");
+    let mut options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix(test), policy);
+    options.tls = Some(dir.to_owned());
+    options.args = args;
+    let coordinator = Coordinator::start(&options).expect("start coordinator");
+    coordinator
+        .wait_leader(Duration::from_secs(10))
+        .expect("leads");
+    (etcd, coordinator)
+}
+
 fn files(dir: &Path, sub: &str, name: &str) -> TlsFiles {
     TlsFiles {
         ca: dir.join("ca.pem"),
@@ -137,13 +150,7 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
 
     let access = "\n[access.operators]\nvic = \"viewer\"\nerin = \"approver\"\ncarol = \"operator\"\nada = \"admin\"\n";
     let text = policy("5", "assist", 1000, 1000, "30s") + access;
-    let etcd = Etcd::start().expect("etcd");
-    let mut options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("trust"), &text);
-    options.tls = Some(dir.clone());
-    let coordinator = Coordinator::start(&options).expect("start coordinator");
-    coordinator
-        .wait_leader(Duration::from_secs(10))
-        .expect("leads");
+    let (_etcd, coordinator) = start_mtls("trust", &dir, &text, Vec::new());
     let url = coordinator.tls_url();
 
     let web1 = channel_as(&url, &files(&dir, "hosts", "web-1")).await;
@@ -441,14 +448,8 @@ async fn a_host_put_on_the_deny_list_is_refused_without_a_restart_and_loses_its_
     std::fs::write(&deny, "# nobody yet\n").expect("deny file");
     let text =
         policy("5", "autonomous", 1000, 1000, "30s") + "\n[access.operators]\nvic = \"viewer\"\n";
-    let etcd = Etcd::start().expect("etcd");
-    let mut options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("deny"), &text);
-    options.tls = Some(dir.clone());
-    options.args = vec!["--deny-file".into(), deny.display().to_string()];
-    let coordinator = Coordinator::start(&options).expect("start coordinator");
-    coordinator
-        .wait_leader(Duration::from_secs(10))
-        .expect("leads");
+    let args = vec!["--deny-file".into(), deny.display().to_string()];
+    let (_etcd, coordinator) = start_mtls("deny", &dir, &text, args);
     let url = coordinator.tls_url();
     let web1 = channel_as(&url, &files(&dir, "hosts", "web-1")).await;
     let web2 = channel_as(&url, &files(&dir, "hosts", "web-2")).await;

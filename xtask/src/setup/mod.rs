@@ -54,10 +54,11 @@ pub fn require_root(why: &str) -> anyhow::Result<()> {
 
 fn apt_packages() -> anyhow::Result<()> {
     let wanted = manifest::apt_names();
+    let dpkg = verify::Dpkg::load()?;
     let missing: Vec<&str> = wanted
         .iter()
         .copied()
-        .filter(|pkg| !dpkg_installed(pkg))
+        .filter(|pkg| !dpkg.installed(pkg))
         .collect();
     if missing.is_empty() {
         eprintln!("xtask: apt packages present: {}", wanted.join(" "));
@@ -101,23 +102,12 @@ fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     result
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
-}
-
 /// Adds each rustup component in the manifest that its toolchain lacks. "Present" means what
 /// `--verify` checks: rustup lists it as installed, not merely that its files exist.
 fn rust_components() -> anyhow::Result<()> {
     nightly_sysroot()?;
     for (toolchain, component, why) in manifest::RUST_COMPONENTS {
-        if installed_components(toolchain)?
-            .iter()
-            .any(|c| c == component || c.starts_with(&format!("{component}-")))
-        {
+        if has_component(&installed_components(toolchain)?, component) {
             eprintln!("xtask: rustup component {component} ({toolchain}) present");
             continue;
         }
@@ -131,6 +121,14 @@ fn rust_components() -> anyhow::Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// Whether `rustup component list --installed` output names `component`, which rustup writes
+/// with its target (`rustfmt-x86_64-…`) or without one (`rust-src`).
+pub(super) fn has_component(installed: &[String], component: &str) -> bool {
+    installed
+        .iter()
+        .any(|c| c == component || c.starts_with(&format!("{component}-")))
 }
 
 /// `rustup component list --installed --toolchain T`, one name a line.

@@ -292,11 +292,7 @@ pub fn locate(program: Program, path_env: &OsString) -> Located {
             let p = PathBuf::from(path);
             (is_executable(&p).then_some(p), path.to_owned())
         }
-        Locate::Path(name) => {
-            let dirs: Vec<PathBuf> = env::split_paths(path_env).collect();
-            let found = dirs.iter().map(|d| d.join(name)).find(|p| is_executable(p));
-            (found, "in any PATH directory".to_owned())
-        }
+        Locate::Path(name) => (on_path(name, path_env), "in any PATH directory".to_owned()),
     };
     Located {
         subject: format!("program {}", display_locate(program.locate)),
@@ -304,6 +300,13 @@ pub fn locate(program: Program, path_env: &OsString) -> Located {
         hops: found.map(|p| hops(&p)).unwrap_or_default(),
         searched,
     }
+}
+
+/// The first executable `name` in the `PATH` directories, in order (what `execvp` runs).
+fn on_path(name: &str, path_env: &OsString) -> Option<PathBuf> {
+    env::split_paths(path_env)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn display_locate(locate: Locate) -> String {
@@ -739,9 +742,7 @@ pub fn check_linker_inputs(
         let located = if Path::new(&name).is_absolute() {
             Some(PathBuf::from(&name))
         } else {
-            env::split_paths(path_env)
-                .map(|d| d.join(&name))
-                .find(|p| is_executable(p))
+            on_path(&name, path_env)
         };
         if let Some(p) = located {
             files.insert(p);
@@ -885,10 +886,7 @@ pub fn crates2_record(json: &str, krate: &str) -> Option<(String, Vec<String>, b
 /// or without one (`rust-src`).
 pub fn judge_component(toolchain: &str, component: &str, installed: &[String]) -> Verdict {
     let subject = format!("rustup component {component} ({toolchain})");
-    let present = installed
-        .iter()
-        .any(|c| c == component || c.starts_with(&format!("{component}-")));
-    if present {
+    if super::has_component(installed, component) {
         Verdict::proven(subject, "installed by rustup")
     } else {
         Verdict::failed(
@@ -912,9 +910,7 @@ fn check_rust(path_env: &OsString) -> anyhow::Result<Vec<Verdict>> {
             )),
         }
     }
-    let found = env::split_paths(path_env)
-        .map(|d| d.join(manifest::BPF_LINKER))
-        .find(|p| is_executable(p));
+    let found = on_path(manifest::BPF_LINKER, path_env);
     let home = cargo_home();
     let record = home
         .as_ref()
