@@ -49,6 +49,11 @@ pub enum AuditKind {
     Alert,
     /// A call refused because of who made it (I9); the owner is the presented identity.
     Refused,
+    /// A loading replica found keys it would not trust (undecodable, or not backed by the
+    /// audit's seal) and kept the safer value in their place; the detail names each key.
+    Quarantine,
+    /// The seal was written again because the audit record it named was about to be trimmed.
+    Reseal,
 }
 
 impl AuditKind {
@@ -72,6 +77,8 @@ impl AuditKind {
             AuditKind::PolicyLoad => "policy_load",
             AuditKind::Alert => "alert",
             AuditKind::Refused => "refused",
+            AuditKind::Quarantine => "quarantine",
+            AuditKind::Reseal => "reseal",
         }
     }
 }
@@ -97,6 +104,10 @@ pub struct AuditRecord {
     pub token: Option<u64>,
     pub reason: Option<String>,
     pub detail: Value,
+    /// The digest of the state seal written in the same transaction (see `seal`); absent on
+    /// records whose transaction changed no sealed key, so older records hash as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
     pub prev_hash: String,
     pub hash: String,
 }
@@ -160,6 +171,8 @@ pub struct AuditDraft {
     pub token: Option<u64>,
     pub reason: Option<String>,
     pub detail: Value,
+    /// Set by the commit that also writes the state seal.
+    pub seal: Option<String>,
 }
 
 impl AuditDraft {
@@ -175,6 +188,7 @@ impl AuditDraft {
             token: None,
             reason: None,
             detail: Value::Null,
+            seal: None,
         }
     }
 }
@@ -234,6 +248,7 @@ impl AuditChain {
             token,
             reason,
             detail,
+            seal,
         } = draft;
         let mut record = AuditRecord {
             seq: self.next_seq,
@@ -247,6 +262,7 @@ impl AuditChain {
             token,
             reason,
             detail,
+            seal,
             prev_hash: self.last_hash.clone(),
             hash: String::new(),
         };

@@ -30,13 +30,14 @@ use crate::{
     audit::{AuditChain, AuditDraft, AuditKind, AuditRecord, ChainError, verify_chain},
     metrics::CoordinatorMetrics,
     policy::{ClassPolicy, Mode, Policy, check_mode_change},
+    seal::{self, Seal},
     store::{
         CmpOp, Compare, LeaseId, Op, Store, StoreError, WatchEventKind,
         election::{self, LeaderKey},
     },
     view::{
         ApprovalRecord, ApprovalState, HostEntry, HostRecord, Keys, LeaseEntry, LeaseRecord,
-        Removed, Scope, View,
+        Removed, Scope, Undecodable, View,
     },
 };
 
@@ -1166,6 +1167,8 @@ struct TxnBuilder {
     drafts: Vec<AuditDraft>,
     alerts: Vec<admission::Alert>,
     grants: usize,
+    /// Write the state seal even if no sealed key changed (its audit record is being trimmed).
+    reseal: bool,
 }
 
 struct Actor {
@@ -1176,6 +1179,12 @@ struct Actor {
     /// Sequence number of the oldest retained audit record.
     audit_oldest: u64,
     loaded_revision: i64,
+    /// The sealed safety state as the audit backs it, and the audit record the stored seal
+    /// names (see `seal`).
+    seal: Seal,
+    seal_seq: u64,
+    /// The keys the last quarantine record of this term named.
+    quarantine_recorded: Vec<String>,
 }
 
 impl Actor {
@@ -1187,17 +1196,80 @@ impl Actor {
             chain: AuditChain::genesis(),
             audit_oldest: 1,
             loaded_revision: 0,
+            seal: Seal::default(),
+            seal_seq: 0,
+            quarantine_recorded: Vec::new(),
         };
-        actor.reload().await?;
+        let quarantined = actor.reload().await?;
+        actor.record_quarantine(quarantined).await?;
         actor.record_policy_load().await?;
         Ok(actor)
+    }
+
+    /// Reads the store again mid-term (after a conflict, or when asked), auditing keys it
+    /// would not trust that were not already audited this term.
+    async fn resync(&mut self) -> Result<(), String> {
+        let bad = self.reload().await?;
+        self.record_quarantine(bad).await
+    }
+
+    /// Audits and alerts the keys a load would not trust, one record naming each, so that a
+    /// change made behind the coordinator's back is in the audit and in front of a human.
+    async fn record_quarantine(&mut self, bad: Vec<Undecodable>) -> Result<(), String> {
+        let named: Vec<String> = bad.iter().map(|b| b.key.clone()).collect();
+        if bad.is_empty() || named == self.quarantine_recorded {
+            return Ok(());
+        }
+        let keys: Vec<_> = bad
+            .iter()
+            .map(|b| json!({"key": b.key, "problem": b.error, "kept": b.kept}))
+            .collect();
+        let names: Vec<&str> = bad.iter().map(|b| b.key.as_str()).collect();
+        let message = format!(
+            "{} key(s) under the prefix quarantined with the safer value (undecodable or not \
+             backed by the audit): {}; check who wrote them (etcd's own audit), then set the \
+             state again through interlock",
+            bad.len(),
+            names.join(", ")
+        );
+        let mut d = AuditDraft::new(
+            AuditKind::Quarantine,
+            format!("replica:{}", self.inner.cfg.advertise),
+        );
+        d.reason = Some(message.clone());
+        d.detail = json!({ "keys": keys });
+        let mut tx = TxnBuilder::default();
+        tx.drafts.push(d);
+        match self.commit(tx, now_ms()).await {
+            Ok(_) => {}
+            Err(CommitError::Deposed) => return Err("deposed while auditing a quarantine".into()),
+            Err(CommitError::Conflict) => {
+                return Err("conflict while auditing a quarantine".into());
+            }
+            Err(CommitError::Unavailable(e)) => return Err(e),
+        }
+        self.quarantine_recorded = named;
+        tracing::error!("ALERT: {message}");
+        self.inner.metrics.alert("", "store_quarantine");
+        if let Some(url) = self.inner.cfg.policy.alert_webhook.clone() {
+            let body = json!({
+                "class": null, "host": null, "message": message, "kind": "store_quarantine",
+                "keys": names, "policy": self.inner.cfg.policy.owner(),
+            });
+            tokio::spawn(async move {
+                if let Err(e) = alert::post_json(&url, &body).await {
+                    tracing::error!(url, error = %e, "alert webhook failed");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Reads the state under the prefix and the audit chain's ends (not the whole audit log,
     /// which can hold many records). The parts are read one after another; that is safe
     /// because only the leader writes (and it is not writing now) and expiries only delete,
     /// which the watch, started from the oldest read's revision, replays.
-    async fn reload(&mut self) -> Result<(), String> {
+    async fn reload(&mut self) -> Result<Vec<Undecodable>, String> {
         let keys = &self.inner.keys;
         let store = &self.inner.store;
         let mut state_kvs = Vec::new();
@@ -1214,9 +1286,32 @@ impl Actor {
             .prefix_ends(&keys.audit())
             .await
             .map_err(|e| format!("loading the audit head: {e}"))?;
-        // One bad write must not stop every replica from leading: each undecodable key is
-        // quarantined (the view keeps the safer value in its place) and reported.
-        let (view, bad) = View::load(keys, &state_kvs);
+        // The seal, and the audit record it names, to tell the keys the audit backs.
+        let seal_kv = store
+            .get(&keys.seal())
+            .await
+            .map_err(|e| format!("loading the state seal: {e}"))?;
+        let seal_record = match seal_kv.as_ref().map(|kv| seal::parse(&kv.value)) {
+            Some(Ok(v)) => store
+                .get(&keys.audit_record(v.audit_seq))
+                .await
+                .map_err(|e| format!("loading the seal's audit record: {e}"))?
+                .and_then(|kv| serde_json::from_slice::<AuditRecord>(&kv.value).ok()),
+            _ => None,
+        };
+        let checked = seal::check(
+            keys,
+            &seal::Stored {
+                value: seal_kv.as_ref().map(|kv| kv.value.as_slice()),
+                record: seal_record.as_ref(),
+                audit_empty: first.is_none(),
+            },
+            &state_kvs,
+        );
+        // One bad write must not stop every replica from leading, nor lift a safety stop:
+        // each undecodable or unbacked key is quarantined (the view keeps the safer value in
+        // its place) and reported.
+        let (view, bad) = View::load_checked(keys, &state_kvs, &checked.unbacked);
         for b in &bad {
             tracing::error!(
                 key = b.key,
@@ -1241,9 +1336,11 @@ impl Actor {
             None => AuditChain::genesis(),
         };
         self.view = view;
+        self.seal = checked.attested;
+        self.seal_seq = seal_record.map_or(0, |r| r.seq);
         self.loaded_revision = revision;
         self.publish();
-        Ok(())
+        Ok(bad)
     }
 
     /// Bounded retention: once more than `audit_retention` + one chunk of records exist,
@@ -1266,17 +1363,28 @@ impl Actor {
                 key: self.inner.keys.audit_record(seq),
             });
         }
-        let TxnBuilder {
-            mut compares, ops, ..
-        } = tx;
-        compares.insert(0, election::leader_guard(&self.leader));
-        match self.inner.store.txn(compares, ops, vec![]).await {
-            Ok(o) if o.succeeded => {
+        // The seal must keep naming a record that exists: if this chunk holds it, the same
+        // transaction writes the seal again, backed by a new record.
+        if self.seal_seq < end {
+            tx.reseal = true;
+            let mut d = AuditDraft::new(
+                AuditKind::Reseal,
+                format!("replica:{}", self.inner.cfg.advertise),
+            );
+            d.detail = json!({"trimmed_before": end, "previous_seal_record": self.seal_seq});
+            tx.drafts.push(d);
+        }
+        match self.commit(tx, now_ms()).await {
+            Ok(_) => {
                 self.audit_oldest = end;
                 Ok(())
             }
-            Ok(_) => Err("deposed while trimming the audit log".into()),
-            Err(e) => {
+            Err(CommitError::Deposed) => Err("deposed while trimming the audit log".into()),
+            Err(CommitError::Conflict) => {
+                tracing::warn!("trimming the audit log conflicted; will retry");
+                Ok(())
+            }
+            Err(CommitError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "trimming the audit log failed; will retry");
                 Ok(())
             }
@@ -1416,13 +1524,35 @@ impl Actor {
         let TxnBuilder {
             mut compares,
             mut ops,
-            drafts,
+            mut drafts,
             alerts: _,
             grants,
+            reseal,
         } = tx;
         compares.insert(0, election::leader_guard(&self.leader));
+        // Every write of a sealed key rewrites the seal, backed by this transaction's first
+        // audit record (every write that changes safety state carries one).
+        let mut seal = self.seal.clone();
+        let sealing = seal.apply(&self.inner.keys, &ops) || reseal;
+        if sealing {
+            if drafts.is_empty() {
+                drafts.push(AuditDraft::new(
+                    AuditKind::Reseal,
+                    format!("replica:{}", self.inner.cfg.advertise),
+                ));
+            }
+            drafts[0].seal = Some(seal.digest());
+        }
         let mut chain = self.chain.clone();
         let records: Vec<AuditRecord> = drafts.into_iter().map(|d| chain.append(d, now)).collect();
+        if sealing {
+            ops.push(Op::Put {
+                key: self.inner.keys.seal(),
+                value: seal.value(&records[0]),
+                lease: 0,
+            });
+        }
+        let sealed = sealing.then(|| (seal, records[0].seq));
         for r in &records {
             ops.push(Op::Put {
                 key: self.inner.keys.audit_record(r.seq),
@@ -1445,6 +1575,10 @@ impl Actor {
         match result {
             Ok(outcome) if outcome.succeeded => {
                 self.chain = chain;
+                if let Some((seal, seq)) = sealed {
+                    self.seal = seal;
+                    self.seal_seq = seq;
+                }
                 Ok(Committed {
                     revision: outcome.revision,
                 })
@@ -1474,6 +1608,10 @@ impl Actor {
                         .is_ok_and(|r| r.hash == first.hash)
                 {
                     self.chain = chain;
+                    if let Some((seal, seq)) = sealed {
+                        self.seal = seal;
+                        self.seal_seq = seq;
+                    }
                     return Ok(Committed {
                         revision: kv.mod_revision,
                     });
@@ -1626,7 +1764,7 @@ impl Actor {
                     }
                     Err(CommitError::Conflict) if attempts < 3 => {
                         tracing::warn!("batch conflicted with the store; resyncing and retrying");
-                        self.reload().await?;
+                        self.resync().await?;
                         // Everything is decided again on the fresh view; store leases this
                         // attempt took on its own are revoked (the plan did not commit).
                         let mut retry: Vec<Item> = Vec::new();
@@ -2303,7 +2441,7 @@ impl Actor {
                 self.finish(r, reply)
             }
             Cmd::Deleted { key, revision } => self.deleted(&key, revision).await,
-            Cmd::Resync => self.reload().await,
+            Cmd::Resync => self.resync().await,
         }
     }
 
@@ -2410,7 +2548,7 @@ impl Actor {
             Err(e) => {
                 let (err, fatal) = self.commit_failure(&e);
                 if matches!(e, CommitError::Conflict) {
-                    let _ = self.reload().await;
+                    let _ = self.resync().await;
                 }
                 match fatal {
                     Some(f) => Err(Err(f)),
@@ -2879,6 +3017,7 @@ impl Actor {
                 d
             }
             Removed::Approval(record) => {
+                self.seal.forget(&self.inner.keys, key);
                 if record.state != ApprovalState::Pending {
                     return Ok(());
                 }
@@ -2901,7 +3040,7 @@ impl Actor {
         match self.commit(tx, now_ms()).await {
             Ok(_) => Ok(()),
             Err(CommitError::Deposed) => Err("deposed while auditing an expiry".into()),
-            Err(CommitError::Conflict) => self.reload().await,
+            Err(CommitError::Conflict) => self.resync().await,
             Err(CommitError::Unavailable(e)) => {
                 tracing::error!(error = e, "could not audit an expiry");
                 Ok(())

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod seal;
 pub mod serve;
 pub mod server;
 pub mod store;

@@ -96,6 +96,10 @@ impl Keys {
     pub fn policy(&self) -> String {
         format!("{}/policy", self.root)
     }
+    /// The state seal (see `seal`).
+    pub fn seal(&self) -> String {
+        format!("{}/seal", self.root)
+    }
 }
 
 /// What a cap counts over: one action class in one service.
@@ -250,17 +254,59 @@ impl View {
     /// the election are not part of the view. Keys that fail to decode are returned so the
     /// caller can log them; a corrupt budget or freeze key must not be taken as "absent".
     pub fn load(keys: &Keys, kvs: &[Kv]) -> (View, Vec<Undecodable>) {
+        View::load_checked(keys, kvs, &[])
+    }
+
+    /// Like [`View::load`], with the keys the audit's seal does not back (see `seal::check`)
+    /// quarantined like undecodable ones: present or not, each gets the safer value.
+    pub fn load_checked(
+        keys: &Keys,
+        kvs: &[Kv],
+        unbacked: &[crate::seal::Unbacked],
+    ) -> (View, Vec<Undecodable>) {
         let mut view = View::default();
         let mut bad = Vec::new();
+        let refused: BTreeMap<&str, &crate::seal::Unbacked> =
+            unbacked.iter().map(|u| (u.key.as_str(), u)).collect();
         for kv in kvs {
+            if let Some(u) = refused.get(kv.key.as_str()) {
+                let error = u.problem.describe();
+                let kept = view.quarantine(keys, kv, "not backed by the audit");
+                bad.push(Undecodable {
+                    key: kv.key.clone(),
+                    error,
+                    kept,
+                });
+                continue;
+            }
             if let Err(error) = view.apply_put(keys, kv) {
-                let kept = view.quarantine(keys, &kv.key, kv);
+                let kept = view.quarantine(keys, kv, "undecodable");
                 bad.push(Undecodable {
                     key: kv.key.clone(),
                     error,
                     kept,
                 });
             }
+        }
+        // Unbacked keys that are not in the store (deleted behind the coordinator's back, or
+        // the kill switch turned on because the seal cannot be trusted).
+        for u in unbacked {
+            if kvs.iter().any(|kv| kv.key == u.key) {
+                continue;
+            }
+            let gone = Kv {
+                key: u.key.clone(),
+                value: Vec::new(),
+                create_revision: 0,
+                mod_revision: 0,
+                lease: 0,
+            };
+            let kept = view.quarantine(keys, &gone, "not backed by the audit");
+            bad.push(Undecodable {
+                key: u.key.clone(),
+                error: u.problem.describe(),
+                kept,
+            });
         }
         (view, bad)
     }
@@ -271,13 +317,15 @@ impl View {
     /// store lease still ends it), a host or approval key counts as absent (fewer live hosts
     /// only shrink a percentage cap; an unreadable approval cannot be approved). Returns what
     /// was kept, for the operator.
-    fn quarantine(&mut self, keys: &Keys, key: &str, kv: &Kv) -> String {
+    fn quarantine(&mut self, keys: &Keys, kv: &Kv, why: &str) -> String {
+        let key = kv.key.as_str();
         let Some(rest) = key.strip_prefix(&keys.root()) else {
             return "ignored (outside the prefix)".into();
         };
         let frozen = |what: &str| FreezeRecord {
             reason: format!(
-                "undecodable {what} key {key} quarantined; repair or delete it, then unfreeze"
+                "{what} key {key} quarantined ({why}); check what changed it, then unfreeze \
+                 (the coordinator writes it again)"
             ),
             owner: QUARANTINE_OWNER.to_owned(),
             since: UnixMillis(0),
@@ -574,6 +622,39 @@ mod tests {
                 .contains("budget/disk_cleanup"),
             "the freeze names the key"
         );
+    }
+
+    #[test]
+    fn keys_the_audit_does_not_back_get_the_safer_value_present_or_not() {
+        use crate::seal::{Problem, Unbacked};
+        let keys = Keys::new("/p");
+        let kvs = vec![Kv {
+            key: keys.mode("process_restart"),
+            value: b"autonomous".to_vec(),
+            create_revision: 3,
+            mod_revision: 3,
+            lease: 0,
+        }];
+        let unbacked = vec![
+            Unbacked {
+                key: keys.mode("process_restart"),
+                problem: Problem::Changed,
+            },
+            Unbacked {
+                key: keys.kill_switch(),
+                problem: Problem::Deleted,
+            },
+            Unbacked {
+                key: keys.budget("disk_cleanup"),
+                problem: Problem::Deleted,
+            },
+        ];
+        let (view, bad) = View::load_checked(&keys, &kvs, &unbacked);
+        assert_eq!(view.modes["process_restart"], Mode::Observe, "not autonomous");
+        assert!(view.kill_switch.is_some(), "a deleted kill switch stays on");
+        assert!(view.class_freezes.contains_key("disk_cleanup"));
+        assert_eq!(bad.len(), 3);
+        assert!(bad.iter().any(|b| b.error.contains("deleted behind")));
     }
 
     #[test]

@@ -12,10 +12,8 @@
 //! coordinator and etcd are stopped by pid when their handles drop, also on panic.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use interlock_tests::agent::{
@@ -532,46 +530,6 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
     );
 }
 
-/// A webhook receiver on loopback: each request body goes to the test (at most 10 requests).
-fn webhook() -> (String, mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind webhook receiver");
-    let url = format!("http://{}/alert", listener.local_addr().expect("addr"));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(10) {
-            let Ok(mut s) = stream else { continue };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            // Read the head, then the body up to its Content-Length (bounded by the timeout).
-            let mut data = Vec::new();
-            let mut buf = [0_u8; 4096];
-            let body = loop {
-                let n = s.read(&mut buf).unwrap_or(0);
-                data.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&data).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse::<usize>().ok())?
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= len || n == 0 {
-                        break body.to_owned();
-                    }
-                } else if n == 0 {
-                    break String::new();
-                }
-            };
-            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
-            if tx.send(body).is_err() {
-                return;
-            }
-        }
-    });
-    (url, rx)
-}
 
 /// How long the flapping service lives after each start: long enough that each restart's
 /// health check passes (so every grant ends in a success), short enough to flap quickly.
@@ -600,7 +558,7 @@ fn wait_first_start(h: &FleetHost) -> u64 {
 fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze() {
     require_root("the fleet budget test (eBPF exit probe)");
     let etcd = Etcd::start().expect("start etcd");
-    let (webhook_url, alerts) = webhook();
+    let (webhook_url, alerts) = interlock_tests::webhook::receiver();
     let options = CoordinatorOptions::etcd(
         etcd.endpoint(),
         fresh_prefix("fleet-budget"),

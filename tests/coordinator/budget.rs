@@ -1,47 +1,18 @@
 //! I3: budget exhaustion freezes the class, alerts (log, metric, audit, webhook), denies naming
 //! the budget, and holds until an operator unfreezes.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpListener,
-    sync::mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
 use interlock_proto::v1 as pb;
 use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
 
 use super::policy;
 
-/// A webhook receiver on loopback that hands every request body to the test.
-fn webhook() -> (String, mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/alert", listener.local_addr().unwrap());
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(10) {
-            let Ok(mut s) = stream else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-            let mut buf = vec![0u8; 8192];
-            let n = s.read(&mut buf).unwrap_or(0);
-            let text = String::from_utf8_lossy(&buf[..n]).to_string();
-            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            if tx.send(body).is_err() {
-                return;
-            }
-        }
-    });
-    (url, rx)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausting_the_fleet_budget_freezes_alerts_and_holds_until_unfreeze() {
     let etcd = Etcd::start().expect("etcd");
-    let (url, alerts) = webhook();
+    let (url, alerts) = interlock_tests::webhook::receiver();
     let text = format!(
         "alert_webhook = \"{url}\"\n{}",
         policy("10", "autonomous", 3, 100, "5s")

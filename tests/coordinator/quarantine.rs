@@ -1,18 +1,232 @@
-//! The store as a trust boundary, first part: keys under the prefix that do not decode (one
-//! bad `etcdctl put`) are quarantined with the safer value, and the replica still leads
-//! (before, it campaigned forever). Real etcd; the garbage is written with etcd's own client.
+//! The store as a trust boundary: keys under the prefix that do not decode (one bad `etcdctl
+//! put`) are quarantined with the safer value, and the replica still leads (before, it
+//! campaigned forever); and keys changed or deleted behind the coordinator's back, which the
+//! audit's seal does not back, are refused at load the same way, audited and alerted. Real
+//! etcd; the tampering is done with etcd's own client and with `etcdctl`, as a person would.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use interlock_coordinator::view::Keys;
 use interlock_proto::v1 as pb;
 use interlock_tests::{
     Coordinator, CoordinatorOptions, Etcd,
-    client::{self, Got, channel},
+    client::{self, Got, as_operator, channel},
     fresh_prefix,
 };
 
 use super::policy;
+
+/// Runs `etcdctl` against the test's etcd and returns its output; fails the test if it fails.
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .args(args)
+        .output()
+        .expect("etcdctl runs (cargo xtask setup installs etcd-client)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn status(ch: &tonic::transport::Channel) -> pb::StatusReply {
+    client::operator(ch)
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+fn mode_of(status: &pb::StatusReply, class: &str) -> String {
+    status
+        .classes
+        .iter()
+        .find(|c| c.class == class)
+        .map(|c| c.mode.clone())
+        .expect("class in status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_and_alerted() {
+    let etcd = Etcd::start().expect("etcd");
+    let prefix = fresh_prefix("seal");
+    let keys = Keys::new(&prefix);
+    let (url, alerts) = interlock_tests::webhook::receiver();
+    let text = format!(
+        "alert_webhook = \"{url}\"\n{}",
+        policy("5", "assist", 1000, 1000, "30s")
+    );
+    let options = CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text);
+    let mut first = Coordinator::start(&options).expect("start");
+    first.wait_leader(Duration::from_secs(15)).expect("leads");
+    let ch = channel(&first.url()).await;
+    let mut op = client::operator(&ch);
+    op.freeze(as_operator(
+        "carol",
+        pb::FreezeRequest {
+            class: String::new(),
+            reason: "incident 12".into(),
+            revoke: false,
+        },
+    ))
+    .await
+    .expect("freeze");
+    op.set_mode(as_operator(
+        "carol",
+        pb::SetModeRequest {
+            class: "disk_cleanup".into(),
+            mode: "observe".into(),
+        },
+    ))
+    .await
+    .expect("mode");
+    assert_eq!(
+        first.metric("interlock_quarantined_keys"),
+        0.0,
+        "a store the coordinator wrote checks clean"
+    );
+    first.terminate(Duration::from_secs(10)).expect("stop");
+
+    // Behind its back, with no coordinator running: lift the kill switch and make the class
+    // autonomous. The fault is really injected: etcd says so.
+    assert_eq!(etcdctl(&etcd, &["del", &keys.kill_switch()]), "1");
+    assert_eq!(
+        etcdctl(&etcd, &["put", &keys.mode("disk_cleanup"), "autonomous"]),
+        "OK"
+    );
+    assert_eq!(
+        etcdctl(
+            &etcd,
+            &["get", "--print-value-only", &keys.mode("disk_cleanup")]
+        ),
+        "autonomous"
+    );
+
+    let second = Coordinator::start(&options).expect("start again");
+    second
+        .wait_leader(Duration::from_secs(15))
+        .expect("a replica that finds tampered state still leads");
+    let ch = channel(&second.url()).await;
+    let st = status(&ch).await;
+    let kill = st.kill_switch.clone().expect("the deleted kill switch stays on");
+    assert!(kill.reason.contains("not backed by the audit"), "{kill:?}");
+    assert_eq!(mode_of(&st, "disk_cleanup"), "observe");
+    assert_eq!(second.metric("interlock_quarantined_keys"), 2.0);
+    let mut agent = client::agent(&ch);
+    client::register(&mut agent, "s1", "web").await;
+    let got = client::acquire(&mut agent, "s1", "disk_cleanup", "/x").await;
+    assert!(
+        matches!(&got, Got::Denied { check, .. } if check == "kill_switch"),
+        "{got:?}"
+    );
+
+    // Audited, naming both keys, and the chain still verifies.
+    let audit = client::audit(&client::operator(&ch), None, None).await;
+    assert!(audit.chain_ok, "{}", audit.chain_error);
+    let record = audit
+        .records
+        .iter()
+        .find(|r| r.kind == "quarantine")
+        .expect("a quarantine record");
+    for key in [keys.kill_switch(), keys.mode("disk_cleanup")] {
+        assert!(record.detail_json.contains(&key), "{key}: {record:?}");
+    }
+    assert!(record.detail_json.contains("deleted behind"), "{record:?}");
+    assert!(record.detail_json.contains("changed behind"), "{record:?}");
+    // And alerted to a real receiver, naming the keys.
+    let body = alerts
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the quarantine is alerted");
+    assert!(
+        body.contains("store_quarantine") && body.contains(&keys.kill_switch()),
+        "{body}"
+    );
+
+    // An operator who looked sets the state again through interlock; the next replica to
+    // load it finds nothing to quarantine.
+    let mut op = client::operator(&ch);
+    op.unfreeze(as_operator(
+        "carol",
+        pb::UnfreezeRequest {
+            class: String::new(),
+            host: String::new(),
+            reason: "checked etcd's log".into(),
+        },
+    ))
+    .await
+    .expect("unfreeze");
+    op.set_mode(as_operator(
+        "carol",
+        pb::SetModeRequest {
+            class: "disk_cleanup".into(),
+            mode: "assist".into(),
+        },
+    ))
+    .await
+    .expect("mode");
+    drop(second);
+    let third = Coordinator::start(&options).expect("start a third time");
+    third.wait_leader(Duration::from_secs(15)).expect("leads");
+    assert_eq!(third.metric("interlock_quarantined_keys"), 0.0);
+    let st = status(&channel(&third.url()).await).await;
+    assert!(st.kill_switch.is_none(), "{:?}", st.kill_switch);
+    assert_eq!(mode_of(&st, "disk_cleanup"), "assist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seal_outlives_the_audit_records_it_named() {
+    let etcd = Etcd::start().expect("etcd");
+    let mut options = CoordinatorOptions::etcd(
+        etcd.endpoint(),
+        fresh_prefix("reseal"),
+        &policy("5", "observe", 1000, 1000, "30s"),
+    );
+    options.audit_retention = Some(100);
+    let first = Coordinator::start(&options).expect("start");
+    first.wait_leader(Duration::from_secs(15)).expect("leads");
+    let ch = channel(&first.url()).await;
+    client::operator(&ch)
+        .set_mode(as_operator(
+            "carol",
+            pb::SetModeRequest {
+                class: "node_reboot".into(),
+                mode: "observe".into(),
+            },
+        ))
+        .await
+        .expect("mode");
+    // Observe-mode requests write audit records but no sealed key, so the seal keeps naming
+    // an early record until trimming reaches it.
+    let mut agent = client::agent(&ch);
+    client::register(&mut agent, "t1", "web").await;
+    for i in 0..260 {
+        let got = client::acquire(&mut agent, "t1", "disk_cleanup", &format!("/{i}")).await;
+        assert!(matches!(got, Got::Observed { .. }), "{got:?}");
+    }
+    let audit = client::audit(&client::operator(&ch), None, None).await;
+    let oldest = audit.records.first().expect("records").seq;
+    assert!(oldest > 100, "trimmed past the early records: oldest {oldest}");
+    assert!(
+        audit.records.iter().any(|r| r.kind == "reseal"),
+        "the seal was written again before its record went"
+    );
+    assert!(audit.chain_ok, "{}", audit.chain_error);
+    drop(first);
+    let second = Coordinator::start(&options).expect("start again");
+    second.wait_leader(Duration::from_secs(15)).expect("leads");
+    assert_eq!(
+        second.metric("interlock_quarantined_keys"),
+        0.0,
+        "{}",
+        second.log()
+    );
+    let st = status(&channel(&second.url()).await).await;
+    assert!(st.kill_switch.is_none(), "{:?}", st.kill_switch);
+    assert_eq!(mode_of(&st, "node_reboot"), "observe");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_keys_are_quarantined_with_safe_values_and_the_replica_still_leads() {

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod client;
 pub mod coordinator;
 pub mod etcd;
+pub mod webhook;
 
 pub use coordinator::{BASIC_POLICY, Coordinator, CoordinatorOptions};
 pub use etcd::Etcd;
