@@ -6,7 +6,9 @@
 //! overwritten; it makes no network calls and holds no policy (roles live in the policy file).
 //!
 //! Layout of DIR: `ca.pem` `ca.key` `trust-domain` `coordinator.pem` `coordinator.key`
-//! `hosts/<id>.pem|.key` `operators/<name>.pem|.key`.
+//! `hosts/<id>.pem|.key` `operators/<name>.pem|.key`, and for an etcd that authenticates its
+//! clients by certificate, `etcd/server.pem|.key` and `etcd/users/<user>.pem|.key` (etcd takes
+//! the user name from the certificate's common name).
 
 use std::{
     fs,
@@ -171,18 +173,7 @@ pub fn issue_coordinator(
         SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
         SanType::URI(format!("spiffe://{td}/coordinator").as_str().try_into()?),
     ];
-    for name in server_names {
-        match name.parse::<IpAddr>() {
-            Ok(ip) => sans.push(SanType::IpAddress(ip)),
-            Err(_) => sans.push(SanType::DnsName(name.as_str().try_into().map_err(
-                |_| {
-                    CertsError::Invalid(format!(
-                        "server name {name:?} is not a DNS name or IP address"
-                    ))
-                },
-            )?)),
-        }
-    }
+    sans.extend(server_sans(server_names)?);
     let out = Issued {
         cert: dir.join("coordinator.pem"),
         key: dir.join("coordinator.key"),
@@ -228,6 +219,78 @@ pub fn issue(dir: &Path, identity: &Identity, validity: Validity) -> Result<Issu
         false,
     )?;
     Ok(out)
+}
+
+/// Issues the certificate an etcd server presents (`--cert-file`/`--key-file`; the CA is its
+/// `--trusted-ca-file`): localhost, 127.0.0.1 and `server_names`.
+pub fn issue_etcd_server(
+    dir: &Path,
+    server_names: &[String],
+    validity: Validity,
+) -> Result<Issued, CertsError> {
+    let mut sans = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+    ];
+    sans.extend(server_sans(server_names)?);
+    let sub = dir.join("etcd");
+    fs::create_dir_all(&sub).map_err(io(&sub))?;
+    let out = Issued {
+        cert: sub.join("server.pem"),
+        key: sub.join("server.key"),
+    };
+    sign(
+        dir,
+        "etcd",
+        sans,
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        validity,
+        &out,
+        true,
+    )?;
+    Ok(out)
+}
+
+/// Issues a client certificate for etcd user `user` (its common name; `--client-cert-auth`).
+pub fn issue_etcd_user(dir: &Path, user: &str, validity: Validity) -> Result<Issued, CertsError> {
+    if !crate::identity::valid_name(user) {
+        return Err(CertsError::Invalid(format!(
+            "etcd user {user:?}: use letters, digits, '.', '_' and '-' only"
+        )));
+    }
+    let sub = dir.join("etcd").join("users");
+    fs::create_dir_all(&sub).map_err(io(&sub))?;
+    let out = Issued {
+        cert: sub.join(format!("{user}.pem")),
+        key: sub.join(format!("{user}.key")),
+    };
+    sign(
+        dir,
+        user,
+        Vec::new(),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        validity,
+        &out,
+        false,
+    )?;
+    Ok(out)
+}
+
+fn server_sans(server_names: &[String]) -> Result<Vec<SanType>, CertsError> {
+    server_names
+        .iter()
+        .map(|name| match name.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => name.as_str().try_into().map(SanType::DnsName).map_err(|_| {
+                CertsError::Invalid(format!(
+                    "server name {name:?} is not a DNS name or IP address"
+                ))
+            }),
+        })
+        .collect()
 }
 
 fn sign(

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod deny;
 pub mod engine;
+pub mod etcd_bootstrap;
 pub mod identity;
 pub mod metrics;
 pub mod policy;

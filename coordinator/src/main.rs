@@ -31,6 +31,9 @@ enum Command {
     /// Make a CA and issue certificates for the coordinator, hosts and operators.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Turn on etcd's authentication for Interlock (once per cluster; idempotent): a role that
+    /// may read and write only the prefix, a user with just that role, root, and auth enabled.
+    EtcdBootstrap(EtcdBootstrapArgs),
     #[command(flatten)]
     Operator(OperatorCommand),
 }
@@ -44,6 +47,16 @@ struct ServeArgs {
     /// (one-host quickstart only).
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    /// The CA that signed etcd's certificate (PEM), for https:// etcd endpoints.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// The certificate the coordinator presents to etcd; with etcd's --client-cert-auth its
+    /// common name is the etcd user (`interlock certs issue etcd-user interlock`).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Its private key (mode 0600).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_ca", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
     /// Where the embedded store keeps its log (without --etcd). Omit to keep it in memory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -91,6 +104,57 @@ struct ServeArgs {
     insecure: bool,
 }
 
+#[derive(clap::Args)]
+struct EtcdBootstrapArgs {
+    /// etcd's https:// client endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// The CA that signed etcd's certificate.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: PathBuf,
+    /// A client certificate: root's (`interlock certs issue etcd-user root`).
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    etcd_key: PathBuf,
+    /// Interlock's key prefix (as given to `interlock serve --prefix`).
+    #[arg(long, default_value = "/interlock")]
+    prefix: String,
+    /// The etcd user the coordinator connects as (its --etcd-cert's common name).
+    #[arg(long, default_value = "interlock")]
+    user: String,
+    /// The role granted read/write on the prefix.
+    #[arg(long, default_value = "interlock")]
+    role: String,
+}
+
+async fn etcd_bootstrap_cmd(args: EtcdBootstrapArgs) -> anyhow::Result<()> {
+    let steps = interlock_coordinator::etcd_bootstrap::run(
+        &interlock_coordinator::etcd_bootstrap::Bootstrap {
+            endpoints: args.etcd,
+            tls: TlsFiles {
+                ca: args.etcd_ca,
+                cert: args.etcd_cert,
+                key: args.etcd_key,
+            },
+            prefix: args.prefix,
+            user: args.user.clone(),
+            role: args.role,
+        },
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    for s in steps {
+        println!("{s}");
+    }
+    println!(
+        "etcd now authenticates every client; connect the coordinator with --etcd-ca, and \
+         --etcd-cert/--etcd-key for user {}",
+        args.user
+    );
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create DIR with a new CA (ca.pem, ca.key) and the coordinator's certificate.
@@ -129,6 +193,25 @@ enum IssueCommand {
         /// The role to grant (printed as the policy line to add): viewer, approver, operator, admin.
         #[arg(long, default_value = "viewer")]
         role: String,
+    },
+    /// The certificate an etcd server presents (--cert-file/--key-file; ca.pem is its
+    /// --trusted-ca-file): etcd/server.pem for localhost, 127.0.0.1 and each --server-name.
+    EtcdServer {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        #[arg(long, default_value_t = interlock_coordinator::certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// A client certificate for etcd user USER (its common name): `interlock` for the
+    /// coordinator (--etcd-cert), `root` for `interlock etcd-bootstrap` once auth is on.
+    EtcdUser {
+        user: String,
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = interlock_coordinator::certs::DEFAULT_DAYS)]
+        days: u32,
     },
     /// Re-issue the coordinator's certificate (e.g. with more --server-name).
     Coordinator {
@@ -193,6 +276,28 @@ fn certs_cmd(command: CertsCommand) -> anyhow::Result<()> {
                 issued.key.display()
             );
         }
+        CertsCommand::Issue(IssueCommand::EtcdServer {
+            dir,
+            server_names,
+            days,
+        }) => {
+            let issued = certs::issue_etcd_server(&dir, &server_names, Validity::from_now(days))?;
+            println!(
+                "etcd server: {} (key {}); start etcd with --cert-file, --key-file, \
+                 --trusted-ca-file {} and --client-cert-auth",
+                issued.cert.display(),
+                issued.key.display(),
+                dir.join("ca.pem").display()
+            );
+        }
+        CertsCommand::Issue(IssueCommand::EtcdUser { user, dir, days }) => {
+            let issued = certs::issue_etcd_user(&dir, &user, Validity::from_now(days))?;
+            println!(
+                "etcd user {user}: {} (key {}, 0600)",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
         CertsCommand::Issue(IssueCommand::Coordinator {
             dir,
             server_names,
@@ -228,6 +333,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve_cmd(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(command) => certs_cmd(command).map(|()| ExitCode::SUCCESS),
+            Command::EtcdBootstrap(args) => {
+                etcd_bootstrap_cmd(args).await.map(|()| ExitCode::SUCCESS)
+            }
             Command::Operator(command) => cli::run(&cli.client, command).await,
         }
     });
@@ -304,7 +412,13 @@ async fn serve_cmd(args: ServeArgs) -> anyhow::Result<()> {
         store: if args.etcd.is_empty() {
             StoreChoice::Embedded(args.data_dir)
         } else {
-            StoreChoice::Etcd(args.etcd)
+            StoreChoice::Etcd {
+                endpoints: args.etcd,
+                tls: match (args.etcd_ca, args.etcd_cert, args.etcd_key) {
+                    (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+                    _ => None,
+                },
+            }
         },
         policy_name: args.config.display().to_string(),
         policy_text,

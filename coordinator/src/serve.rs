@@ -27,8 +27,12 @@ use crate::{
 /// Which store backs the coordinator.
 #[derive(Clone, Debug)]
 pub enum StoreChoice {
-    /// etcd endpoints (`http://127.0.0.1:2379`, …).
-    Etcd(Vec<String>),
+    /// etcd endpoints (`http://127.0.0.1:2379`, …), and TLS (`https://` endpoints) with the
+    /// client certificate etcd authenticates the coordinator by.
+    Etcd {
+        endpoints: Vec<String>,
+        tls: Option<interlock_proto::tls::TlsFiles>,
+    },
     /// The embedded single-node store, persisted under this directory (or in memory).
     Embedded(Option<PathBuf>),
 }
@@ -74,14 +78,27 @@ pub async fn run(
     let policy = Policy::from_toml_str(&options.policy_name, &options.policy_text)
         .map_err(|e| ServeError::Policy(e.to_string()))?;
     let policy_hash = hex::encode(Sha256::digest(options.policy_text.as_bytes()));
+    // etcd's certificates are checked before connecting, so an expired one is named here
+    // rather than surfacing as a failed handshake.
+    let etcd_not_after = match &options.store {
+        StoreChoice::Etcd {
+            tls: Some(files), ..
+        } => crate::tls::checked_not_after(files, ["etcd_client", "etcd_ca"])
+            .map_err(|e| ServeError::Store(format!("etcd TLS: {e}")))?,
+        _ => Vec::new(),
+    };
     let (store, kind): (Arc<dyn Store>, &'static str) = match &options.store {
-        StoreChoice::Etcd(endpoints) => (
+        StoreChoice::Etcd { endpoints, tls } => (
             Arc::new(
-                EtcdStore::connect(endpoints, EtcdOptions::default())
-                    .await
-                    .map_err(|e| {
-                        ServeError::Store(format!("{e} (etcd at {})", endpoints.join(",")))
-                    })?,
+                EtcdStore::connect(
+                    endpoints,
+                    EtcdOptions {
+                        tls: tls.clone(),
+                        ..EtcdOptions::default()
+                    },
+                )
+                .await
+                .map_err(|e| ServeError::Store(format!("{e} (etcd at {})", endpoints.join(","))))?,
             ),
             "etcd",
         ),
@@ -119,6 +136,9 @@ pub async fn run(
         for (which, at) in not_after {
             metrics.set_cert_not_after(which, *at);
         }
+    }
+    for (which, at) in etcd_not_after {
+        metrics.set_cert_not_after(which, at);
     }
     let engine = Engine::new(
         store,

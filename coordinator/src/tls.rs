@@ -100,11 +100,15 @@ pub fn check_validity(path: &str, facts: &CertFacts, now_unix: i64) -> Result<()
     Ok(())
 }
 
-/// The coordinator's mutual-TLS config from its files, all checked now.
-pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
-    let (ca, identity) = files.load()?;
+/// Reads the certificate and the CA of `files`, refuses either outside its validity (naming
+/// the file), and returns `(name, not_after)` for each, named `names[0]` and `names[1]`, for the
+/// expiry metric.
+pub fn checked_not_after(
+    files: &TlsFiles,
+    names: [&'static str; 2],
+) -> Result<Vec<(&'static str, i64)>, TlsError> {
     let mut not_after = Vec::new();
-    for (which, path) in [("coordinator", &files.cert), ("ca", &files.ca)] {
+    for (which, path) in names.into_iter().zip([&files.cert, &files.ca]) {
         let pem = std::fs::read(path).map_err(|source| TlsFileError::Read {
             path: path.clone(),
             source,
@@ -117,6 +121,13 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
         check_validity(&shown, &facts, unix_now())?;
         not_after.push((which, facts.not_after_unix));
     }
+    Ok(not_after)
+}
+
+/// The coordinator's mutual-TLS config from its files, all checked now.
+pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
+    let (ca, identity) = files.load()?;
+    let not_after = checked_not_after(files, ["coordinator", "ca"])?;
     let config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
     Ok(Security::Mtls {
         config,

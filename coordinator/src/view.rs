@@ -650,7 +650,11 @@ mod tests {
             },
         ];
         let (view, bad) = View::load_checked(&keys, &kvs, &unbacked);
-        assert_eq!(view.modes["process_restart"], Mode::Observe, "not autonomous");
+        assert_eq!(
+            view.modes["process_restart"],
+            Mode::Observe,
+            "not autonomous"
+        );
         assert!(view.kill_switch.is_some(), "a deleted kill switch stays on");
         assert!(view.class_freezes.contains_key("disk_cleanup"));
         assert_eq!(bad.len(), 3);

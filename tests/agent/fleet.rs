@@ -530,7 +530,6 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
     );
 }
 
-
 /// How long the flapping service lives after each start: long enough that each restart's
 /// health check passes (so every grant ends in a success), short enough to flap quickly.
 /// (An exit before the agent's exit probe is attached is caught by the agent's own poll; the

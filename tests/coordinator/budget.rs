@@ -8,7 +8,6 @@ use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, client, fresh_prefi
 
 use super::policy;
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausting_the_fleet_budget_freezes_alerts_and_holds_until_unfreeze() {
     let etcd = Etcd::start().expect("etcd");

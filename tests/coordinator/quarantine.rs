@@ -111,7 +111,10 @@ async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_a
         .expect("a replica that finds tampered state still leads");
     let ch = channel(&second.url()).await;
     let st = status(&ch).await;
-    let kill = st.kill_switch.clone().expect("the deleted kill switch stays on");
+    let kill = st
+        .kill_switch
+        .clone()
+        .expect("the deleted kill switch stays on");
     assert!(kill.reason.contains("not backed by the audit"), "{kill:?}");
     assert_eq!(mode_of(&st, "disk_cleanup"), "observe");
     assert_eq!(second.metric("interlock_quarantined_keys"), 2.0);
@@ -208,7 +211,10 @@ async fn the_seal_outlives_the_audit_records_it_named() {
     }
     let audit = client::audit(&client::operator(&ch), None, None).await;
     let oldest = audit.records.first().expect("records").seq;
-    assert!(oldest > 100, "trimmed past the early records: oldest {oldest}");
+    assert!(
+        oldest > 100,
+        "trimmed past the early records: oldest {oldest}"
+    );
     assert!(
         audit.records.iter().any(|r| r.kind == "reseal"),
         "the seal was written again before its record went"

@@ -20,6 +20,17 @@ pub struct Etcd {
     client: SocketAddr,
     peer: SocketAddr,
     data_dir: tempfile::TempDir,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS for etcd's client URL, with client certificates required (`--client-cert-auth`): the
+/// CA that signs clients, and the server's certificate and key (`interlock certs issue
+/// etcd-server`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Etcd {
@@ -33,6 +44,15 @@ impl Etcd {
     /// Starts etcd and waits until it reports healthy. Fails (never skips) when etcd is not
     /// installed, naming the command that installs it.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving TLS on its client URL and requiring client certificates.
+    pub fn start_tls(tls: EtcdTls) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> anyhow::Result<Self> {
         let binary = Self::binary();
         if !binary.exists() {
             bail!(
@@ -44,7 +64,7 @@ impl Etcd {
         // try a few times instead of failing the test on that race.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::start_once(&binary) {
+            match Self::start_once(&binary, tls.clone()) {
                 Ok(etcd) => return Ok(etcd),
                 Err(e) => last_err = Some(e),
             }
@@ -52,18 +72,19 @@ impl Etcd {
         Err(last_err.expect("at least one attempt"))
     }
 
-    fn start_once(binary: &Path) -> anyhow::Result<Self> {
+    fn start_once(binary: &Path, tls: Option<EtcdTls>) -> anyhow::Result<Self> {
         let client = free_port()?;
         let peer = free_port()?;
         let data_dir = tempfile::Builder::new()
             .prefix("interlock-etcd-")
             .tempdir()?;
-        let child = spawn(binary, client, peer, data_dir.path())?;
+        let child = spawn(binary, client, peer, data_dir.path(), tls.as_ref())?;
         let mut etcd = Self {
             child,
             client,
             peer,
             data_dir,
+            tls,
         };
         etcd.wait_healthy()?;
         Ok(etcd)
@@ -82,19 +103,35 @@ impl Etcd {
             self.client,
             self.peer,
             self.data_dir.path(),
+            self.tls.as_ref(),
         )?;
         self.wait_healthy()
     }
 }
 
-fn spawn(binary: &Path, client: SocketAddr, peer: SocketAddr, dir: &Path) -> anyhow::Result<Child> {
+fn spawn(
+    binary: &Path,
+    client: SocketAddr,
+    peer: SocketAddr,
+    dir: &Path,
+    tls: Option<&EtcdTls>,
+) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("etcd.log"))?;
-    let client_url = format!("http://{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://{client}");
     let peer_url = format!("http://{peer}");
-    Command::new(binary)
+    let mut command = Command::new(binary);
+    if let Some(t) = tls {
+        command
+            .arg(format!("--cert-file={}", t.cert.display()))
+            .arg(format!("--key-file={}", t.key.display()))
+            .arg(format!("--trusted-ca-file={}", t.ca.display()))
+            .arg("--client-cert-auth");
+    }
+    command
         .arg("--name=test")
         .arg(format!("--data-dir={}", dir.join("data").display()))
         .arg(format!("--listen-client-urls={client_url}"))
@@ -120,7 +157,11 @@ impl Etcd {
                     self.log()
                 );
             }
-            if health(self.client).unwrap_or(false) {
+            let healthy = match &self.tls {
+                None => health(self.client).unwrap_or(false),
+                Some(tls) => self.health_tls(tls),
+            };
+            if healthy {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -131,9 +172,38 @@ impl Etcd {
         )
     }
 
-    /// Client URL, e.g. `http://127.0.0.1:34567`.
+    /// `etcdctl endpoint health` over TLS, presenting the server's own certificate (it is
+    /// also a client certificate signed by the CA; good until authentication is enabled).
+    fn health_tls(&self, tls: &EtcdTls) -> bool {
+        self.etcdctl(&tls.cert, &tls.key, &["endpoint", "health"])
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Runs `etcdctl` against this etcd (over TLS with `cert`/`key` when it serves TLS).
+    pub fn etcdctl(
+        &self,
+        cert: &Path,
+        key: &Path,
+        args: &[&str],
+    ) -> std::io::Result<std::process::Output> {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg("--command-timeout=3s");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", cert.display()))
+                .arg(format!("--key={}", key.display()));
+        }
+        command.args(args).stdin(Stdio::null()).output()
+    }
+
+    /// Client URL, e.g. `http://127.0.0.1:34567` (`https://` when it serves TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     /// Process id of the etcd server (for fault tests that stop or kill it).

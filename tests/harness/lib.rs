@@ -11,7 +11,7 @@ pub mod etcd;
 pub mod webhook;
 
 pub use coordinator::{BASIC_POLICY, Coordinator, CoordinatorOptions};
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTls};
 
 /// Panics unless the test runs as root; eBPF and cgroup tests need it and CI runs as root.
 /// A missing prerequisite fails the test; it never skips.

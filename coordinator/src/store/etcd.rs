@@ -27,6 +27,9 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Bound on establishing the connection and the first status probe.
     pub connect_timeout: Duration,
+    /// TLS to etcd: the CA that signed etcd's certificate, and the client certificate and key
+    /// (with `--client-cert-auth`, etcd takes the user from the certificate's common name).
+    pub tls: Option<interlock_proto::tls::TlsFiles>,
 }
 
 impl Default for EtcdOptions {
@@ -34,6 +37,7 @@ impl Default for EtcdOptions {
         Self {
             request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }
@@ -64,9 +68,32 @@ impl EtcdStore {
                 "no etcd endpoints given: pass at least one http://host:port".to_owned(),
             ));
         }
-        let connect_opts = ConnectOptions::new()
+        let scheme = if opts.tls.is_some() {
+            "https://"
+        } else {
+            "http://"
+        };
+        if let Some(e) = endpoints.iter().find(|e| !e.starts_with(scheme)) {
+            return Err(StoreError::Other(if opts.tls.is_some() {
+                format!(
+                    "etcd endpoint {e} is not https:// but etcd TLS files are given; use https://"
+                )
+            } else {
+                format!(
+                    "etcd endpoint {e} is not http://; for https:// give --etcd-ca, --etcd-cert \
+                     and --etcd-key"
+                )
+            }));
+        }
+        let mut connect_opts = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout)
             .with_timeout(opts.request_timeout);
+        if let Some(files) = &opts.tls {
+            let tls = files
+                .client_config()
+                .map_err(|e| StoreError::Other(format!("etcd TLS: {e}")))?;
+            connect_opts = connect_opts.with_tls(tls);
+        }
         let connect = async {
             let mut client = Client::connect(endpoints, Some(connect_opts))
                 .await
