@@ -17,7 +17,9 @@ use serde::Deserialize;
 
 use crate::actions::cleanup::{CleanupConfig, CleanupProblems, RawCleanup};
 use crate::actions::restart::{RawRestart, RestartConfig, RestartProblems, TargetKind};
-use crate::detect::{ConfigErrors, baseline, crashloop, forecast, leak, oomkill, threshold};
+use crate::detect::{
+    ConfigErrors, baseline, certexpiry, crashloop, forecast, leak, oomkill, threshold,
+};
 use crate::finding::Millis;
 
 /// Where the agent serves `/metrics` unless the file says otherwise.
@@ -56,6 +58,10 @@ pub struct RawTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Raise `cert_expiry` when fewer than this many days are left on the certificate or the CA
+    /// (1 to 365, default 14). Read as any integer so a negative one is reported, not a parse
+    /// error.
+    pub expiry_warning_days: Option<i64>,
 }
 
 /// `[actions]`: how the agent runs green actions under leases.
@@ -86,6 +92,8 @@ pub struct RawIntervals {
     pub process: Option<String>,
     /// PSI, system-wide and of the watched cgroups (triggers also wake it up at once).
     pub psi: Option<String>,
+    /// The `[tls]` certificate and CA files, re-read so a rotated file is noticed (default 1m).
+    pub cert: Option<String>,
 }
 
 /// One URL or a list of replicas.
@@ -242,7 +250,7 @@ pub struct AgentConfig {
     pub intervals: Intervals,
     pub log_format: LogFormat,
     /// Mutual TLS towards the coordinator; `None` talks plaintext (`http://` only).
-    pub tls: Option<interlock_proto::tls::TlsFiles>,
+    pub tls: Option<TlsConfig>,
     /// Green actions; `None` when neither `[cleanup]` nor `[restart]` is configured (the agent
     /// then only observes).
     pub actions: Option<ActionsConfig>,
@@ -265,21 +273,31 @@ const DEFAULT_LEASE_MARGIN: Duration = Duration::from_secs(1);
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
 const DEFAULT_RETRY: Duration = Duration::from_secs(2);
 
+/// Validated `[tls]`: the identity's files and when their expiry becomes a finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub files: interlock_proto::tls::TlsFiles,
+    /// `cert_expiry` fires with fewer than this many days left (within `certexpiry::WARNING_DAYS`).
+    pub expiry_warning_days: u32,
+}
+
 /// How often each reading is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Intervals {
     pub disk: Duration,
     pub process: Duration,
     pub psi: Duration,
+    pub cert: Duration,
 }
 
 impl Default for Intervals {
-    /// Every second.
+    /// Every second; the certificate files every minute (they change on rotation, days apart).
     fn default() -> Self {
         Self {
             disk: Duration::from_secs(1),
             process: Duration::from_secs(1),
             psi: Duration::from_secs(1),
+            cert: Duration::from_secs(60),
         }
     }
 }
@@ -649,14 +667,21 @@ impl RawConfig {
     }
 }
 
-/// `[tls]`: all three files, absolute; and the URLs' scheme must match (never plaintext when a
-/// certificate is configured, never `https://` without one). The files are read at start.
+/// `[tls]`: all three files, absolute; the URLs' scheme must match (never plaintext when a
+/// certificate is configured, never `https://` without one); the expiry warning in range. The
+/// files are read at start.
 fn validate_tls(
     p: &mut Problems,
     raw: Option<RawTls>,
     coordinator: &[String],
-) -> Option<interlock_proto::tls::TlsFiles> {
-    let Some(RawTls { ca, cert, key }) = raw else {
+) -> Option<TlsConfig> {
+    let Some(RawTls {
+        ca,
+        cert,
+        key,
+        expiry_warning_days,
+    }) = raw
+    else {
         for (i, url) in coordinator.iter().enumerate() {
             if url.starts_with("https://") {
                 p.add(
@@ -686,6 +711,17 @@ fn validate_tls(
         }
     };
     let (ca, cert, key) = (file("ca", ca), file("cert", cert), file("key", key));
+    let days = expiry_warning_days.unwrap_or(i64::from(certexpiry::DEFAULT_WARNING_DAYS));
+    let expiry_warning_days = match u32::try_from(days) {
+        Ok(d) if certexpiry::WARNING_DAYS.contains(&d) => Some(d),
+        _ => {
+            p.add(
+                "tls.expiry_warning_days",
+                certexpiry::warning_days_problem(days),
+            );
+            None
+        }
+    };
     for (i, url) in coordinator.iter().enumerate() {
         if !url.starts_with("https://") {
             p.add(
@@ -694,10 +730,13 @@ fn validate_tls(
             );
         }
     }
-    Some(interlock_proto::tls::TlsFiles {
-        ca: ca?,
-        cert: cert?,
-        key: key?,
+    Some(TlsConfig {
+        files: interlock_proto::tls::TlsFiles {
+            ca: ca?,
+            cert: cert?,
+            key: key?,
+        },
+        expiry_warning_days: expiry_warning_days?,
     })
 }
 
@@ -814,7 +853,12 @@ fn validate_actions(
 }
 
 fn validate_intervals(p: &mut Problems, raw: &RawIntervals) -> Intervals {
-    let RawIntervals { disk, process, psi } = raw;
+    let RawIntervals {
+        disk,
+        process,
+        psi,
+        cert,
+    } = raw;
     let d = Intervals::default();
     let mut one = |name: &str, value: Option<&String>, default: Duration| {
         let path = format!("intervals.{name}");
@@ -832,6 +876,7 @@ fn validate_intervals(p: &mut Problems, raw: &RawIntervals) -> Intervals {
         disk: one("disk", disk.as_ref(), d.disk),
         process: one("process", process.as_ref(), d.process),
         psi: one("psi", psi.as_ref(), d.psi),
+        cert: one("cert", cert.as_ref(), d.cert),
     }
 }
 
@@ -1239,7 +1284,30 @@ mod tests {
                         [tls]\nca = \"/c/ca.pem\"\ncert = \"/c/h.pem\"\nkey = \"/c/h.key\"\n";
         let c = parse_ok(with_tls);
         let tls = c.tls.expect("tls");
-        assert_eq!(tls.key, PathBuf::from("/c/h.key"));
+        assert_eq!(tls.files.key, PathBuf::from("/c/h.key"));
+        assert_eq!(tls.expiry_warning_days, 14, "the default warning");
+        assert_eq!(
+            c.intervals.cert,
+            Duration::from_secs(60),
+            "the default re-read"
+        );
+        let c = parse_ok(&format!(
+            "{with_tls}expiry_warning_days = 30\n[intervals]\ncert = \"5s\"\n"
+        ));
+        assert_eq!(c.tls.expect("tls").expiry_warning_days, 30);
+        assert_eq!(c.intervals.cert, Duration::from_secs(5));
+        for bad in ["0", "366", "-3"] {
+            let p = problems(&format!("{with_tls}expiry_warning_days = {bad}\n"));
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(
+                p[0].starts_with("tls.expiry_warning_days: ")
+                    && p[0].contains(&format!("{bad} is out of range"))
+                    && p[0].contains("from 1 to 365"),
+                "{p:?}"
+            );
+        }
+        let p = problems(&format!("{with_tls}expiry_warning_days = 99999999999\n"));
+        assert!(p[0].starts_with("tls.expiry_warning_days: "), "{p:?}");
 
         // A certificate configured but a plaintext URL: never silently plaintext.
         let p = problems(&with_tls.replace("https://", "http://"));

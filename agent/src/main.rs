@@ -128,7 +128,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             let (coordinators, tls) = match &config {
                 Some(path) => {
                     let c = config::load(path)?;
-                    (c.coordinator, c.tls)
+                    (c.coordinator, c.tls.map(|t| t.files))
                 }
                 None => (Vec::new(), None),
             };

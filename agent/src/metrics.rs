@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -34,6 +35,11 @@ pub const KERNEL_DROPS_TOTAL: &str = "interlock_agent_kernel_drops_total";
 pub const FINDINGS_TOTAL: &str = "interlock_agent_findings_total";
 /// Findings currently held (reported or waiting to be).
 pub const FINDINGS_CURRENT: &str = "interlock_agent_findings_current";
+/// Findings currently held, by detector (0 once a detector's last finding cleared).
+pub const FINDINGS_ACTIVE: &str = "interlock_agent_findings_active";
+/// The notAfter (unix seconds) of the `[tls]` certificates as last read, by `cert` (`client`,
+/// `ca`); a file that cannot be read keeps its last value.
+pub const CERT_NOT_AFTER: &str = "interlock_agent_cert_not_after_seconds";
 /// 1 when a probe is loaded and attached, 0 when it could not be, by probe.
 pub const PROBE_LOADED: &str = "interlock_agent_probe_loaded";
 /// 1 for the current coordinator link state (`connected`, `unreachable`), 0 for the others.
@@ -63,6 +69,11 @@ struct RingLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DetectorLabels {
     detector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    cert: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +109,8 @@ struct Metrics {
     drops: Family<RingLabels, Counter>,
     findings: Family<DetectorLabels, Counter>,
     findings_current: Gauge,
+    findings_active: Family<DetectorLabels, Gauge>,
+    cert_not_after: Family<CertLabels, Gauge>,
     probe_loaded: Family<ProbeLabels, Gauge>,
     link: Family<StateLabels, Gauge>,
     observing_only: Gauge,
@@ -105,6 +118,8 @@ struct Metrics {
     actions: Family<ActionLabels, Counter>,
     /// Last cumulative kernel drop count per ring, to turn totals into increments.
     drops_seen: Mutex<BTreeMap<String, u64>>,
+    /// Every detector that ever held a finding, so one whose findings cleared reads 0.
+    detectors_seen: Mutex<std::collections::BTreeSet<&'static str>>,
 }
 
 /// Every agent metric and its registry. Clones share the same metrics.
@@ -136,12 +151,15 @@ impl AgentMetrics {
             drops: Family::default(),
             findings: Family::default(),
             findings_current: Gauge::default(),
+            findings_active: Family::default(),
+            cert_not_after: Family::default(),
             probe_loaded: Family::default(),
             link: Family::default(),
             observing_only: Gauge::default(),
             reports: Family::default(),
             actions: Family::default(),
             drops_seen: Mutex::new(BTreeMap::new()),
+            detectors_seen: Mutex::new(std::collections::BTreeSet::new()),
         };
         registry.register(
             counter_family_name(EVENTS_TOTAL),
@@ -162,6 +180,16 @@ impl AgentMetrics {
             FINDINGS_CURRENT,
             "Findings currently held",
             m.findings_current.clone(),
+        );
+        registry.register(
+            FINDINGS_ACTIVE,
+            "Findings currently held, by detector",
+            m.findings_active.clone(),
+        );
+        registry.register(
+            CERT_NOT_AFTER,
+            "notAfter (unix seconds) of the agent's TLS certificates as last read, by cert",
+            m.cert_not_after.clone(),
         );
         registry.register(
             PROBE_LOADED,
@@ -258,10 +286,51 @@ impl AgentMetrics {
             .inc();
     }
 
-    pub fn set_findings_current(&self, n: usize) {
-        self.inner
-            .findings_current
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// The findings held now (no log line: each was logged when raised).
+    pub fn set_findings_current<'a>(&self, findings: impl IntoIterator<Item = &'a Finding>) {
+        let mut by_detector = BTreeMap::<&'static str, i64>::new();
+        for f in findings {
+            *by_detector.entry(f.detector).or_default() += 1;
+        }
+        let mut seen = self
+            .inner
+            .detectors_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.extend(by_detector.keys().copied());
+        for detector in seen.iter() {
+            self.inner
+                .findings_active
+                .get_or_create(&DetectorLabels {
+                    detector: (*detector).to_owned(),
+                })
+                .set(by_detector.get(detector).copied().unwrap_or(0));
+        }
+        self.inner.findings_current.set(by_detector.values().sum());
+    }
+
+    /// A `[tls]` certificate file was read and its reading differs from the last one (the
+    /// caller reports changes only, so each is logged once): its notAfter, or why it could not
+    /// be read (the agent keeps the last reading and any finding about it).
+    pub fn cert_read(&self, cert: &str, path: &Path, reading: Result<i64, &str>) {
+        match reading {
+            Ok(not_after) => {
+                tracing::info!(cert, file = %path.display(), not_after, "certificate read");
+                self.inner
+                    .cert_not_after
+                    .get_or_create(&CertLabels {
+                        cert: cert.to_owned(),
+                    })
+                    .set(not_after);
+            }
+            Err(error) => tracing::warn!(
+                cert,
+                file = %path.display(),
+                error,
+                "certificate file not readable; keeping its last reading and any cert_expiry \
+                 finding"
+            ),
+        }
     }
 
     /// A probe was loaded, or could not be (with the reason, which says what to change).
@@ -373,6 +442,13 @@ mod tests {
         m.kernel_drops("tcp_events", 7);
         m.probe("tcp", Err("needs root"));
         m.report("findings", true);
+        m.cert_read("client", Path::new("/c/h.pem"), Ok(1_800_000_000));
+        m.cert_read("ca", Path::new("/c/ca.pem"), Ok(2_100_000_000));
+        // An unreadable file keeps the last value.
+        m.cert_read("client", Path::new("/c/h.pem"), Err("no such file"));
+        let cert = Finding::new("cert_expiry", "/c/h.pem", 1);
+        let disk = Finding::new("disk_full", "/var", 1);
+        m.set_findings_current([&cert, &disk, &Finding::new("disk_full", "/", 1)]);
         let text = m.render();
         for want in [
             "interlock_agent_findings_total{detector=\"disk_full\"} 1\n",
@@ -382,6 +458,21 @@ mod tests {
             "interlock_agent_observing_only 1\n",
             "interlock_agent_coordinator_link{state=\"unreachable\"} 1\n",
             "interlock_agent_reports_total{kind=\"findings\",result=\"ok\"} 1\n",
+            "interlock_agent_cert_not_after_seconds{cert=\"client\"} 1800000000\n",
+            "interlock_agent_cert_not_after_seconds{cert=\"ca\"} 2100000000\n",
+            "interlock_agent_findings_active{detector=\"cert_expiry\"} 1\n",
+            "interlock_agent_findings_active{detector=\"disk_full\"} 2\n",
+            "interlock_agent_findings_current 3\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        // The certificate was replaced: its detector reads 0, the others stay.
+        m.set_findings_current([&disk]);
+        let text = m.render();
+        for want in [
+            "interlock_agent_findings_active{detector=\"cert_expiry\"} 0\n",
+            "interlock_agent_findings_active{detector=\"disk_full\"} 1\n",
+            "interlock_agent_findings_current 1\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -24,6 +24,7 @@ use crate::act::{ActorSettings, Shared, actor_task};
 use crate::config::{AgentConfig, ProcessLocator, WatchedProcess};
 use crate::detect::ConfigErrors;
 use crate::detect::baseline::RollingBaseline;
+use crate::detect::certexpiry::CertExpiry;
 use crate::detect::crashloop::{CrashLoop, Exit};
 use crate::detect::forecast::{DiskForecast, DiskSample};
 use crate::detect::leak::{LeakDetector, MemorySample};
@@ -75,9 +76,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // Read now: a missing or readable key stops the agent before anything starts.
-    let tls = config.tls.as_ref().map(|f| f.client_config()).transpose()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| t.files.client_config())
+        .transpose()?;
     match &config.tls {
-        Some(f) => tracing::info!(cert = %f.cert.display(), "mutual TLS towards the coordinator"),
+        Some(t) => {
+            tracing::info!(cert = %t.files.cert.display(), "mutual TLS towards the coordinator");
+        }
         None => tracing::warn!(
             "talking to the coordinator without TLS: add [tls] (`interlock certs issue host HOST`)"
         ),
@@ -196,6 +203,18 @@ struct CgroupWatch {
     missing: bool,
 }
 
+/// One `[tls]` certificate file, re-read every `[intervals] cert` so a rotated file is noticed
+/// without a restart.
+struct CertWatch {
+    /// `client` or `ca` (the metric's label).
+    which: &'static str,
+    path: PathBuf,
+    expiry: CertExpiry,
+    /// The last reading: its notAfter, or why the file could not be read (logged once per
+    /// change).
+    last: Option<Result<i64, String>>,
+}
+
 /// One watched process: where it is now and its detectors.
 struct ProcessWatch {
     spec: WatchedProcess,
@@ -214,6 +233,7 @@ struct Observer {
     psi_available: bool,
     processes: Vec<ProcessWatch>,
     cgroups: Vec<CgroupWatch>,
+    certs: Vec<CertWatch>,
     oom: OomKills,
     baselines: BTreeMap<SocketAddr, RollingBaseline>,
     connect_config: crate::detect::baseline::Config,
@@ -221,6 +241,11 @@ struct Observer {
     active: BTreeMap<String, Finding>,
     /// Supervised pids and the targets being acted on (shared with the action task).
     shared: Shared,
+}
+
+/// Unix time in seconds (certificate validity).
+fn unix_s() -> i64 {
+    i64::try_from(unix_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 /// Unix time in milliseconds (wire and journal times).
@@ -262,6 +287,21 @@ impl Observer {
                 missing: false,
             });
         }
+        let mut certs = Vec::new();
+        if let Some(tls) = &config.tls {
+            for (which, path) in [("client", &tls.files.cert), ("ca", &tls.files.ca)] {
+                certs.push(CertWatch {
+                    which,
+                    path: path.clone(),
+                    expiry: CertExpiry::new(
+                        which,
+                        path.display().to_string(),
+                        tls.expiry_warning_days,
+                    )?,
+                    last: None,
+                });
+            }
+        }
         Ok(Self {
             metrics,
             epoch: (Instant::now(), unix_ms()),
@@ -271,6 +311,7 @@ impl Observer {
             psi_available: true,
             processes,
             cgroups,
+            certs,
             oom: OomKills::new(d.oom_kill.clone())?,
             baselines: BTreeMap::new(),
             connect_config: d.connect_failures.clone(),
@@ -309,7 +350,14 @@ impl Observer {
         let mut disk_tick = tokio::time::interval(config.intervals.disk);
         let mut process_tick = tokio::time::interval(config.intervals.process);
         let mut psi_tick = tokio::time::interval(config.intervals.psi);
-        for tick in [&mut disk_tick, &mut process_tick, &mut psi_tick] {
+        // The first tick is at once: the certificates are read at start.
+        let mut cert_tick = tokio::time::interval(config.intervals.cert);
+        for tick in [
+            &mut disk_tick,
+            &mut process_tick,
+            &mut psi_tick,
+            &mut cert_tick,
+        ] {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut drain = tokio::time::interval(DRAIN_INTERVAL);
@@ -328,6 +376,9 @@ impl Observer {
                 _ = psi_tick.tick() => {
                     changed |= self.poll_psi(pressure);
                     changed |= self.poll_cgroups(pressure, config, &cgroup_tx);
+                }
+                _ = cert_tick.tick() => {
+                    changed |= self.poll_certs();
                 }
                 _ = process_tick.tick() => {
                     changed |= self.poll_processes(pressure, probes.process.is_some());
@@ -397,7 +448,7 @@ impl Observer {
                 _ = stop.wait_for(|s| *s) => break,
             }
             if changed {
-                self.metrics.set_findings_current(self.active.len());
+                self.metrics.set_findings_current(self.active.values());
                 let _ = findings_tx.send(self.active.values().cloned().collect());
             }
         }
@@ -465,6 +516,49 @@ impl Observer {
             changed |= self.track(format!("disk_full/{target}"), full_firing, full);
             changed |= self.track(format!("inode_full/{target}"), inode_firing, inode);
             changed |= self.track(format!("disk_forecast/{target}"), forecast_firing, forecast);
+        }
+        changed
+    }
+
+    /// Re-reads the `[tls]` certificate files and feeds their notAfter to the expiry
+    /// detectors. A file that cannot be read or parsed now (mid-rotation, removed, garbage)
+    /// keeps its last reading and any finding about it; the agent goes on.
+    fn poll_certs(&mut self) -> bool {
+        let now = self.now();
+        let now_unix = unix_s();
+        let mut results = Vec::new();
+        for w in &mut self.certs {
+            let reading = std::fs::read(&w.path)
+                .map_err(|e| format!("cannot read it: {e}"))
+                .and_then(|pem| {
+                    interlock_proto::tls::cert_facts_pem(&pem)
+                        .map(|facts| facts.not_after_unix)
+                        .map_err(|e| e.to_string())
+                });
+            if w.last.as_ref() != Some(&reading) {
+                self.metrics.cert_read(
+                    w.which,
+                    &w.path,
+                    reading.as_ref().copied().map_err(String::as_str),
+                );
+                w.last = Some(reading.clone());
+            }
+            if let Ok(not_after) = reading {
+                let finding = w.expiry.observe(now, now_unix, not_after);
+                results.push((
+                    format!(
+                        "{}/{}",
+                        crate::detect::certexpiry::DETECTOR,
+                        w.path.display()
+                    ),
+                    w.expiry.is_firing(),
+                    finding,
+                ));
+            }
+        }
+        let mut changed = false;
+        for (id, firing, finding) in results {
+            changed |= self.track(id, firing, finding);
         }
         changed
     }

@@ -3,11 +3,12 @@
 //! verified identity of a caller, read from the URI SAN of the certificate rustls has already
 //! verified against the CA (`identity` decides what that identity may do).
 //!
-//! It parses certificates (x509-parser) and reads files; it holds no authorization rules.
+//! It reads files and asks `interlock_proto::tls` for a certificate's facts (x509-parser); it
+//! holds no authorization rules.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use interlock_proto::tls::{TlsFileError, TlsFiles};
+use interlock_proto::tls::{CertFacts, TlsFileError, TlsFiles, cert_facts_der, cert_facts_pem};
 use tonic::transport::ServerTlsConfig;
 
 use crate::identity::{self, Identity, IdentityError};
@@ -39,38 +40,6 @@ impl Security {
     pub fn is_insecure(&self) -> bool {
         matches!(self, Security::Insecure)
     }
-}
-
-/// Facts of a PEM certificate: its URI SANs and the end of its validity (unix seconds).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFacts {
-    pub uris: Vec<String>,
-    pub not_after_unix: i64,
-    pub not_before_unix: i64,
-}
-
-fn cert_facts_der(der: &[u8]) -> Result<CertFacts, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    let mut uris = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(u) = name {
-                uris.push((*u).to_owned());
-            }
-        }
-    }
-    Ok(CertFacts {
-        uris,
-        not_after_unix: cert.validity().not_after.timestamp(),
-        not_before_unix: cert.validity().not_before.timestamp(),
-    })
-}
-
-/// Facts of the first certificate in a PEM file's text.
-pub fn cert_facts_pem(pem: &[u8]) -> Result<CertFacts, String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not PEM: {e}"))?;
-    cert_facts_der(&pem.contents)
 }
 
 fn unix_now() -> i64 {
@@ -114,9 +83,9 @@ pub fn checked_not_after(
             source,
         })?;
         let shown = path.display().to_string();
-        let facts = cert_facts_pem(&pem).map_err(|message| TlsError::Certificate {
+        let facts = cert_facts_pem(&pem).map_err(|e| TlsError::Certificate {
             path: shown.clone(),
-            message,
+            message: e.to_string(),
         })?;
         check_validity(&shown, &facts, unix_now())?;
         not_after.push((which, facts.not_after_unix));
@@ -150,7 +119,7 @@ pub fn peer_identity<T>(
         return Err(IdentityError::NoUri);
     };
     let facts = cert_facts_der(leaf.as_ref())
-        .map_err(|e| IdentityError::Unparsable(e, trust_domain.to_owned()))?;
+        .map_err(|e| IdentityError::Unparsable(e.to_string(), trust_domain.to_owned()))?;
     identity::from_uris(&facts.uris, trust_domain)
 }
 

@@ -1,7 +1,9 @@
 //! TLS material for the gRPC channels: reading the CA, certificate and key files named in a
 //! config or on the command line, refusing a key that others can read, and the client side of
-//! mutual TLS (rustls through tonic, no OpenSSL). Shared by the agent and the CLI; the server
-//! side, which turns a verified certificate into an identity, is the coordinator's.
+//! mutual TLS (rustls through tonic, no OpenSSL), and the facts of a certificate (its URI SANs
+//! and validity, read with x509-parser from bytes the caller read). Shared by the agent, the CLI
+//! and the coordinator; the server side, which turns a verified certificate into an identity, is
+//! the coordinator's.
 
 use std::{
     fs,
@@ -88,6 +90,49 @@ impl TlsFiles {
     }
 }
 
+/// Why bytes are not a certificate [`cert_facts_pem`] or [`cert_facts_der`] can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertParseError {
+    #[error("not PEM: {0}")]
+    NotPem(String),
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(String),
+}
+
+/// Facts of a certificate: its URI SANs and its validity (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFacts {
+    pub uris: Vec<String>,
+    pub not_after_unix: i64,
+    pub not_before_unix: i64,
+}
+
+/// Facts of a DER certificate (what rustls hands over for a peer).
+pub fn cert_facts_der(der: &[u8]) -> Result<CertFacts, CertParseError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CertParseError::NotX509(e.to_string()))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push((*u).to_owned());
+            }
+        }
+    }
+    Ok(CertFacts {
+        uris,
+        not_after_unix: cert.validity().not_after.timestamp(),
+        not_before_unix: cert.validity().not_before.timestamp(),
+    })
+}
+
+/// Facts of the first certificate in a PEM file's text. Pure: the caller reads the file.
+pub fn cert_facts_pem(pem: &[u8]) -> Result<CertFacts, CertParseError> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| CertParseError::NotPem(e.to_string()))?;
+    cert_facts_der(&pem.contents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +162,38 @@ mod tests {
         let missing = dir.path().join("missing.key");
         let err = read_key(&missing).expect_err("missing");
         assert!(err.to_string().contains("missing.key"), "{err}");
+    }
+
+    /// A certificate made with `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256
+    /// -nodes -days 1 -subj /CN=t -addext subjectAltName=URI:spiffe://t/host/h`, valid from
+    /// 2026-12-03 14:24:24 to 2026-12-04 14:24:24 UTC (`openssl x509 -noout -dates`).
+    const CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBijCCATGgAwIBAgIUPl9avaegVU14Vo7amkczUh7Lml8wCgYIKoZIzj0EAwIw
+DDEKMAgGA1UEAwwBdDAeFw0yNjEyMDMxNDI0MjRaFw0yNjEyMDQxNDI0MjRaMAwx
+CjAIBgNVBAMMAXQwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARcE0Q64zCP0gsS
+JcAmmgLQzDg7tFiFiGO99aUvQOPpJ9hl6S5U32YB85lT7ndurzmVpQJhKzjfg1rR
+lXNsysNgo3EwbzAdBgNVHQ4EFgQUU6Vj5X9klTqtMVWxFK9wAdjOGKwwHwYDVR0j
+BBgwFoAUU6Vj5X9klTqtMVWxFK9wAdjOGKwwDwYDVR0TAQH/BAUwAwEB/zAcBgNV
+HREEFTAThhFzcGlmZmU6Ly90L2hvc3QvaDAKBggqhkjOPQQDAgNHADBEAiBaQhF3
+PhrB4laB1t1SRpf8FnND7Ads1jRylRM4UlsadwIgbFH1+CClbfydncfzDGcdO8YX
+bxnVfochK1URf7X+Aw8=
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn cert_facts_read_validity_and_uris_and_refuse_what_is_not_a_certificate() {
+        let facts = cert_facts_pem(CERT.as_bytes()).expect("a certificate");
+        assert_eq!(facts.uris, vec!["spiffe://t/host/h".to_owned()]);
+        assert_eq!(facts.not_before_unix, 1_796_307_864);
+        assert_eq!(facts.not_after_unix, 1_796_394_264);
+        assert!(matches!(
+            cert_facts_pem(b"hello"),
+            Err(CertParseError::NotPem(_))
+        ));
+        let not_a_cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            cert_facts_pem(not_a_cert.as_bytes()),
+            Err(CertParseError::NotX509(_))
+        ));
     }
 }

@@ -2,6 +2,7 @@
 //! real processes, files, mounts and cgroups.
 
 mod actions;
+mod cert_expiry;
 mod cleanup;
 mod findings;
 mod fleet;

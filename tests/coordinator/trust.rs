@@ -13,7 +13,7 @@ use interlock_proto::{tls::TlsFiles, v1 as pb};
 use interlock_tests::{
     Coordinator, CoordinatorOptions, Etcd,
     client::{self, Got},
-    coordinator::binary,
+    coordinator::{binary, certs_cli},
     fresh_prefix,
 };
 use tonic::{
@@ -22,19 +22,6 @@ use tonic::{
 };
 
 use super::policy;
-
-fn certs_cli(args: &[&str]) {
-    let out = Command::new(binary("interlock"))
-        .arg("certs")
-        .args(args)
-        .output()
-        .expect("run interlock certs");
-    assert!(
-        out.status.success(),
-        "interlock certs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A CA in `dir` and certificates for these hosts and operators, through the real CLI.
 fn issue_all(dir: &Path, hosts: &[&str], operators: &[(&str, &str)]) {

@@ -85,6 +85,20 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// Runs the real `interlock certs ARGS…` (init, issue), panicking with its stderr on failure.
+pub fn certs_cli(args: &[&str]) {
+    let out = Command::new(binary("interlock"))
+        .arg("certs")
+        .args(args)
+        .output()
+        .expect("run interlock certs");
+    assert!(
+        out.status.success(),
+        "interlock certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// How to start a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {

@@ -14,6 +14,9 @@
 //! - [`forecast`]: disk time-to-full from a least-squares trend.
 //! - [`leak`]: memory leak from sustained RSS growth projected to hit its limit.
 //! - [`crashloop`]: too many exits of one target in a sliding window.
+//! - [`certexpiry`]: a certificate with fewer than N days left (or expired); unlike the
+//!   others it speaks again when what it says changes (another notAfter, expired), and it
+//!   takes the Unix time of the reading besides the monotonic `now`.
 //! - [`trend`]: the least-squares fit and "sustained growth" test shared by forecast and leak.
 //! - [`corpus`]: a seeded, labelled corpus of generated series and [`corpus::evaluate`].
 //!
@@ -22,6 +25,7 @@
 //! [`Millis`] on a monotonic clock; values come in as arguments.
 
 pub mod baseline;
+pub mod certexpiry;
 pub mod corpus;
 pub mod crashloop;
 pub mod forecast;
