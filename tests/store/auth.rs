@@ -171,7 +171,7 @@ async fn the_coordinator_works_under_a_prefix_only_etcd_role_and_others_cannot_w
     assert!(audit.chain_ok, "{}", audit.chain_error);
     assert!(audit.records.iter().any(|r| r.kind == "grant"));
     let pem = std::fs::read(&i_cert).expect("read cert");
-    let not_after = interlock_coordinator::tls::cert_facts_pem(&pem)
+    let not_after = interlock_proto::tls::cert_facts_pem(&pem)
         .expect("parse")
         .not_after_unix;
     assert_eq!(
