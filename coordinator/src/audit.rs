@@ -54,6 +54,8 @@ pub enum AuditKind {
     Quarantine,
     /// The seal was written again because the audit record it named was about to be trimmed.
     Reseal,
+    /// The break-glass credential was used; the record precedes the action it allowed.
+    BreakGlass,
 }
 
 impl AuditKind {
@@ -79,6 +81,7 @@ impl AuditKind {
             AuditKind::Refused => "refused",
             AuditKind::Quarantine => "quarantine",
             AuditKind::Reseal => "reseal",
+            AuditKind::BreakGlass => "break_glass",
         }
     }
 }

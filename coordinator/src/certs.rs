@@ -198,7 +198,8 @@ pub fn issue(dir: &Path, identity: &Identity, validity: Validity) -> Result<Issu
     let td = trust_domain(dir)?;
     let uri = spiffe_uri(identity, &td);
     // Round-trip through the parser the coordinator uses, so nothing unverifiable is issued.
-    crate::identity::parse_spiffe(&uri, &td).map_err(|e| CertsError::Invalid(e.to_string()))?;
+    crate::identity::from_uris(std::slice::from_ref(&uri), &td)
+        .map_err(|e| CertsError::Invalid(e.to_string()))?;
     let (sub, name) = match identity {
         Identity::Host(h) => ("hosts", h),
         Identity::Operator(o) => ("operators", o),

@@ -82,6 +82,16 @@ pub struct ClientArgs {
     /// Its private key (mode 0600).
     #[arg(long, value_name = "FILE", env = "INTERLOCK_KEY", global = true)]
     pub key: Option<std::path::PathBuf>,
+    /// A bearer token instead of a certificate (automation; `interlock tokens new`), sent over
+    /// TLS verified with --ca.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "INTERLOCK_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
     /// How to print the answer.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
@@ -481,6 +491,8 @@ fn error_chain(error: &dyn StdError) -> String {
 struct Replicas {
     urls: Vec<String>,
     operator: AsciiMetadataValue,
+    /// `Bearer <token>`, when --token is given.
+    token: Option<AsciiMetadataValue>,
     /// Mutual TLS, when --ca/--cert/--key are given.
     tls: Option<ClientTlsConfig>,
     /// Reused so `--watch` does not reconnect every second.
@@ -497,10 +509,17 @@ impl Replicas {
     fn new(
         urls: &[String],
         operator: &str,
+        token: Option<&str>,
         tls: Option<ClientTlsConfig>,
     ) -> Result<Self, CliError> {
         let operator = AsciiMetadataValue::try_from(operator)
             .map_err(|_| CliError::BadOperator(operator.to_owned()))?;
+        let token = token
+            .map(|t| {
+                AsciiMetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| CliError::Tls("the token must be printable ASCII".to_owned()))
+            })
+            .transpose()?;
         let urls: Vec<String> = urls
             .iter()
             .map(|u| u.trim().to_owned())
@@ -519,6 +538,7 @@ impl Replicas {
         Ok(Replicas {
             urls,
             operator,
+            token,
             tls,
             preferred: None,
         })
@@ -650,11 +670,20 @@ async fn connect(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, St
     }
 }
 
-fn with_operator<T>(operator: &AsciiMetadataValue, message: T) -> Request<T> {
+fn with_operator<T>(
+    operator: &AsciiMetadataValue,
+    token: Option<&AsciiMetadataValue>,
+    message: T,
+) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
         .insert(OPERATOR_METADATA_KEY, operator.clone());
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
     request
 }
 
@@ -662,10 +691,11 @@ fn with_operator<T>(operator: &AsciiMetadataValue, message: T) -> Request<T> {
 macro_rules! rpc {
     ($replicas:expr, $client:ident, $method:ident, $message:expr) => {{
         let operator = $replicas.operator.clone();
+        let token = $replicas.token.clone();
         let message = $message;
         $replicas
             .call(move |channel| {
-                let request = with_operator(&operator, message.clone());
+                let request = with_operator(&operator, token.as_ref(), message.clone());
                 async move { $client::new(channel).$method(request).await }
             })
             .await
@@ -687,10 +717,26 @@ pub async fn run(args: &ClientArgs, cmd: OperatorCommand) -> anyhow::Result<Exit
     }
 }
 
-/// The CLI's mutual-TLS config from --ca/--cert/--key: all three or none.
+/// The CLI's TLS config: mutual TLS from --ca/--cert/--key (all three or none), or with
+/// --token only --ca (the token is the credential).
 fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
     match (&args.ca, &args.cert, &args.key) {
+        (None, None, None) if args.token.is_some() => Err(CliError::Tls(
+            "--token is sent only over TLS: give --ca (the CA that signed the coordinator's \
+             certificate) and an https:// URL"
+                .to_owned(),
+        )),
         (None, None, None) => Ok(None),
+        (Some(ca), None, None) if args.token.is_some() => {
+            let pem = std::fs::read(ca)
+                .map_err(|e| CliError::Tls(format!("cannot read {}: {e}", ca.display())))?;
+            Ok(Some(ClientTlsConfig::new().ca_certificate(
+                tonic::transport::Certificate::from_pem(pem),
+            )))
+        }
+        (Some(_), Some(_), Some(_)) if args.token.is_some() => Err(CliError::Tls(
+            "give either a certificate (--cert/--key) or --token, not both".to_owned(),
+        )),
         (Some(ca), Some(cert), Some(key)) => TlsFiles {
             ca: ca.clone(),
             cert: cert.clone(),
@@ -709,7 +755,12 @@ fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
 
 async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, CliError> {
     let tls = client_tls(args)?;
-    let mut replicas = Replicas::new(&args.coordinators, &args.operator, tls)?;
+    let mut replicas = Replicas::new(
+        &args.coordinators,
+        &args.operator,
+        args.token.as_deref(),
+        tls,
+    )?;
     let format = args.output;
     match cmd {
         OperatorCommand::Status => {
@@ -1007,6 +1058,7 @@ async fn ping(replicas: &Replicas, format: OutputFormat) -> Result<ExitCode, Cli
             Ok(channel) => {
                 let request = with_operator(
                     &replicas.operator,
+                    replicas.token.as_ref(),
                     pb::PingRequest {
                         caller: caller.clone(),
                     },

@@ -229,6 +229,11 @@ enum Cmd {
         reason: String,
         reply: Reply<()>,
     },
+    /// The break-glass credential is about to be used for `what`: audit and alert first.
+    BreakGlass {
+        what: String,
+        reply: Reply<()>,
+    },
     /// A key under the prefix was deleted (a lease ran out, a host stopped heartbeating).
     Deleted {
         key: String,
@@ -775,6 +780,12 @@ impl Engine {
         .await
     }
 
+    /// Audits and alerts a use of the break-glass credential; the call goes ahead only if
+    /// this succeeds.
+    pub async fn break_glass(&self, what: String) -> Result<(), EngineError> {
+        self.send(|reply| Cmd::BreakGlass { what, reply }).await
+    }
+
     pub async fn revoke(
         &self,
         lease_id: String,
@@ -1249,20 +1260,29 @@ impl Actor {
             Err(CommitError::Unavailable(e)) => return Err(e),
         }
         self.quarantine_recorded = named;
-        tracing::error!("ALERT: {message}");
-        self.inner.metrics.alert("", "store_quarantine");
+        self.page("store_quarantine", &message, json!({ "keys": names }));
+        Ok(())
+    }
+
+    /// An alert that is not about one class: logged, counted and sent to the webhook, with
+    /// `extra`'s fields added to the body.
+    fn page(&self, kind: &str, message: &str, extra: serde_json::Value) {
+        tracing::error!(kind, "ALERT: {message}");
+        self.inner.metrics.alert("", kind);
         if let Some(url) = self.inner.cfg.policy.alert_webhook.clone() {
-            let body = json!({
-                "class": null, "host": null, "message": message, "kind": "store_quarantine",
-                "keys": names, "policy": self.inner.cfg.policy.owner(),
+            let mut body = json!({
+                "class": null, "host": null, "message": message, "kind": kind,
+                "policy": self.inner.cfg.policy.owner(),
             });
+            if let (Some(b), serde_json::Value::Object(more)) = (body.as_object_mut(), extra) {
+                b.extend(more);
+            }
             tokio::spawn(async move {
                 if let Err(e) = alert::post_json(&url, &body).await {
                     tracing::error!(url, error = %e, "alert webhook failed");
                 }
             });
         }
-        Ok(())
     }
 
     /// Reads the state under the prefix and the audit chain's ends (not the whole audit log,
@@ -2424,6 +2444,23 @@ impl Actor {
             }
             Cmd::LateOutcome { late, reply } => {
                 let r = self.late_outcome(late).await;
+                self.finish(r, reply)
+            }
+            Cmd::BreakGlass { what, reply } => {
+                let mut tx = TxnBuilder::default();
+                let owner = format!("operator:{}", crate::identity::BREAK_GLASS);
+                let mut d = AuditDraft::new(AuditKind::BreakGlass, owner);
+                let message = format!(
+                    "the break-glass credential was used to {what}; find out who and why, and \
+                     replace the credential (`interlock tokens break-glass`)"
+                );
+                d.reason = Some(message.clone());
+                d.detail = json!({"action": what});
+                tx.drafts.push(d);
+                let r = self.commit_or(tx, now_ms()).await.map(|_| ());
+                if r.is_ok() {
+                    self.page("break_glass", &message, json!({"action": what}));
+                }
                 self.finish(r, reply)
             }
             Cmd::Refused {

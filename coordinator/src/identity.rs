@@ -10,6 +10,10 @@ use serde::Deserialize;
 
 use crate::policy::Mode;
 
+/// The operator the break-glass token acts as (`tokens`): admin whatever the policy says, every
+/// use audited and alerted. No certificate may claim this name.
+pub const BREAK_GLASS: &str = "break-glass";
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Identity {
@@ -50,6 +54,12 @@ pub fn from_uris(uris: &[String], trust_domain: &str) -> Result<Identity, Identi
             Ok(id) => found.push(id),
             Err(e) => last_err = Some(e),
         }
+    }
+    if found.contains(&Identity::Operator(BREAK_GLASS.to_owned())) {
+        return Err(IdentityError::Unparsable(
+            format!("{} (reserved for the break-glass token)", uris.join(", ")),
+            trust_domain.to_owned(),
+        ));
     }
     match (found.len(), last_err) {
         (1, _) => Ok(found.remove(0)),
@@ -152,7 +162,7 @@ impl OperatorAction {
         }
     }
 
-    fn describe(self) -> String {
+    pub fn describe(self) -> String {
         match self {
             OperatorAction::Read => "read fleet state".into(),
             OperatorAction::Approve => "approve a request".into(),
@@ -216,7 +226,12 @@ impl Access {
             }
         };
         let need = action.required_role();
-        match self.operators.get(name) {
+        let role = if name == BREAK_GLASS {
+            Some(&Role::Admin)
+        } else {
+            self.operators.get(name)
+        };
+        match role {
             Some(role) if *role >= need => Ok(name.clone()),
             Some(role) => Err(Refusal::new(
                 "role",
@@ -304,6 +319,19 @@ pub fn newly_denied_hosts(old: &BTreeSet<String>, new: &BTreeSet<String>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_certificate_can_claim_the_break_glass_name_but_the_token_is_admin() {
+        let uri = spiffe_uri(&Identity::Operator(BREAK_GLASS.into()), "td");
+        assert!(from_uris(&[uri], "td").is_err());
+        let access = Access::default();
+        let glass = Identity::Operator(BREAK_GLASS.into());
+        assert_eq!(
+            access.authorize_operator(&glass, OperatorAction::SetMode(Mode::Autonomous)),
+            Ok(BREAK_GLASS.to_owned())
+        );
+        assert!(access.authorize_host(&glass, "").is_err(), "never a host");
+    }
 
     const TD: &str = "interlock";
 

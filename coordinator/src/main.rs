@@ -31,6 +31,9 @@ enum Command {
     /// Make a CA and issue certificates for the coordinator, hosts and operators.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Bearer tokens for automation, and the break-glass token.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Turn on etcd's authentication for Interlock (once per cluster; idempotent): a role that
     /// may read and write only the prefix, a user with just that role, root, and auth enabled.
     EtcdBootstrap(EtcdBootstrapArgs),
@@ -98,10 +101,103 @@ struct ServeArgs {
     /// within a second of a change, and a newly denied host's live leases are revoked.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     deny_file: Option<PathBuf>,
+    /// Bearer tokens for automation (`NAME SHA256HEX` a line, mode 0600; `interlock tokens
+    /// new`): a caller without a client certificate may present one as operator NAME, with the
+    /// role the policy gives NAME. Re-read within a second of a change.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    token_file: Option<PathBuf>,
+    /// The hash of the one break-glass token (`interlock tokens break-glass`): admin whatever
+    /// the policy says; every use is audited and alerted.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    break_glass_file: Option<PathBuf>,
     /// Serve plaintext and trust the identities requests claim. For trying things out only:
     /// logs a warning at start and shows in `interlock status`.
     #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
     insecure: bool,
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Make a token for operator NAME and add its hash to FILE (created 0600); the token is
+    /// printed once and stored nowhere. Grant NAME a role in the policy's [access.operators].
+    New {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Make the break-glass token and write its hash to FILE (never overwritten); keep the
+    /// printed token offline. Every use is audited and alerted.
+    BreakGlass {
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// 32 bytes from the kernel's CSPRNG, hex. Read from /dev/urandom directly: one read of a
+/// fixed size needs no random-number crate.
+fn new_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(hex::encode(bytes))
+}
+
+fn tokens_cmd(command: TokensCommand) -> anyhow::Result<()> {
+    use interlock_coordinator::{identity, tokens};
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let token = new_token()?;
+    match command {
+        TokensCommand::New { name, file } => {
+            if !identity::valid_name(&name) || name == identity::BREAK_GLASS {
+                anyhow::bail!(
+                    "{name:?} is not a usable operator name: letters, digits, '.', '_', '-' \
+                     (and not {:?})",
+                    identity::BREAK_GLASS
+                );
+            }
+            let existing = std::fs::read_to_string(&file).unwrap_or_default();
+            tokens::Tokens::parse(&existing).map_err(|lines| {
+                anyhow::anyhow!("{} has bad lines: {}", file.display(), lines.join("; "))
+            })?;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            writeln!(f, "{name} {}", tokens::hash(&token))
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!(
+                "{token}\n(operator:{name}'s token: shown once; send it as `authorization: Bearer \
+                 <token>` or INTERLOCK_TOKEN; grant a role under [access.operators])"
+            );
+        }
+        TokensCommand::BreakGlass { file } => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| {
+                    format!(
+                        "creating {} (an existing break-glass file is never overwritten; \
+                         remove it to replace the credential)",
+                        file.display()
+                    )
+                })?;
+            writeln!(f, "{}", tokens::hash(&token))
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!(
+                "{token}\n(the break-glass token: shown once; keep it offline; every use is \
+                 audited and alerted)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -333,6 +429,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve_cmd(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Certs(command) => certs_cmd(command).map(|()| ExitCode::SUCCESS),
+            Command::Tokens(command) => tokens_cmd(command).map(|()| ExitCode::SUCCESS),
             Command::EtcdBootstrap(args) => {
                 etcd_bootstrap_cmd(args).await.map(|()| ExitCode::SUCCESS)
             }
@@ -369,6 +466,13 @@ fn security(args: &ServeArgs) -> anyhow::Result<Security> {
         key: key.clone(),
     };
     let mut security = tls::server_security(&files, &trust_domain)?;
+    if args.token_file.is_some() || args.break_glass_file.is_some() {
+        let source = tls::TokenSource::load(args.token_file.clone(), args.break_glass_file.clone())
+            .map_err(anyhow::Error::msg)?;
+        if let Security::Mtls { tokens, .. } = &mut security {
+            *tokens = Some(std::sync::Arc::new(source));
+        }
+    }
     if let (Some(path), Security::Mtls { deny, .. }) = (&args.deny_file, &mut security) {
         *deny = Some((
             path.clone(),

@@ -66,6 +66,8 @@ pub const FAILPOINT_HITS_TOTAL: &str = "interlock_failpoint_hits_total";
 /// Calls refused because of who made them, by the check (`no_identity`, `other_host`, `role`,
 /// `wrong_kind`, `denied`).
 pub const IDENTITY_REFUSALS_TOTAL: &str = "interlock_identity_refusals_total";
+/// TLS handshakes that failed (no certificate from the CA, an expired one, not TLS at all).
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "interlock_tls_handshake_failures_total";
 /// When a certificate this coordinator serves with stops being valid (unix seconds), by
 /// certificate (`coordinator`, `ca`): alert on `interlock_cert_not_after_seconds - time()`.
 pub const CERT_NOT_AFTER: &str = "interlock_cert_not_after_seconds";
@@ -169,6 +171,7 @@ struct Metrics {
     live_hosts: Family<ServiceLabels, Gauge>,
     failpoint_hits: Family<FailpointLabels, Counter>,
     identity_refusals: Family<CheckLabels, Counter>,
+    tls_handshake_failures: Counter,
     cert_not_after: Family<CertLabels, Gauge>,
     quarantined_keys: Gauge,
 }
@@ -225,6 +228,7 @@ impl CoordinatorMetrics {
             live_hosts: Family::default(),
             failpoint_hits: Family::default(),
             identity_refusals: Family::default(),
+            tls_handshake_failures: Counter::default(),
             cert_not_after: Family::default(),
             quarantined_keys: Gauge::default(),
             registry: Registry::default(),
@@ -313,6 +317,11 @@ impl CoordinatorMetrics {
             counter_family_name(IDENTITY_REFUSALS_TOTAL),
             "Calls refused because of the caller's verified identity, by the check that refused",
             metrics.identity_refusals.clone(),
+        );
+        registry.register(
+            counter_family_name(TLS_HANDSHAKE_FAILURES_TOTAL),
+            "TLS handshakes that failed (each peer address is logged once)",
+            metrics.tls_handshake_failures.clone(),
         );
         registry.register(
             CERT_NOT_AFTER,
@@ -477,6 +486,10 @@ impl CoordinatorMetrics {
                 cert: cert.to_owned(),
             })
             .set(unix_seconds);
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.inner.tls_handshake_failures.inc();
     }
 
     pub fn identity_refused(&self, check: &str) {

@@ -193,13 +193,22 @@ pub async fn run(
         ))),
         _ => None,
     };
+    let reload_task = match &options.security {
+        Security::Mtls { tls, tokens, .. } => Some(tokio::spawn(reload_tls(
+            Arc::clone(tls),
+            tokens.clone(),
+            metrics.clone(),
+            stop_http.subscribe(),
+        ))),
+        Security::Insecure => None,
+    };
     let grpc_result =
         server::serve_grpc(grpc, engine.clone(), options.security.clone(), shutdown).await;
     tracing::info!("gRPC stopped; stopping the engine");
     let _ = stop_engine.send(true);
     let _ = engine_task.await;
     let _ = stop_http.send(true);
-    if let Some(task) = deny_task {
+    for task in [deny_task, reload_task].into_iter().flatten() {
         let _ = task.await;
     }
     if let Some(task) = http_task
@@ -209,4 +218,46 @@ pub async fn run(
     }
     grpc_result?;
     Ok(())
+}
+
+/// How often the TLS files are checked for a change.
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Re-reads the coordinator's certificate, key and CA, and the token files, when they change:
+/// new connections (and every later token check) use them at once; a bad edit is logged once
+/// and the files last loaded stay in use.
+async fn reload_tls(
+    tls: Arc<crate::tls::ReloadingTls>,
+    tokens: Option<Arc<crate::tls::TokenSource>>,
+    metrics: CoordinatorMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TLS_RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        match tls.reload_if_changed() {
+            Ok(None) => {}
+            Ok(Some(not_after)) => {
+                for (which, at) in not_after {
+                    metrics.set_cert_not_after(which, at);
+                }
+                tracing::info!("TLS files changed: new connections use the new certificate and CA");
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "TLS files changed but do not load; still serving with the ones loaded before"
+            ),
+        }
+        match tokens.as_ref().map(|t| t.reload_if_changed()) {
+            None | Some(Ok(false)) => {}
+            Some(Ok(true)) => tracing::info!("token files changed: the new tokens are in use"),
+            Some(Err(e)) => tracing::error!(
+                error = %e,
+                "token files changed but do not load; the tokens loaded before stay in use"
+            ),
+        }
+    }
 }

@@ -161,8 +161,30 @@ impl Services {
         match &*self.security {
             Security::Insecure => Ok(None),
             Security::Mtls {
-                trust_domain, deny, ..
+                trust_domain,
+                deny,
+                tokens,
+                ..
             } => match peer_identity(request, trust_domain) {
+                // No client certificate at all: a bearer token may stand in for an operator's.
+                Err(_) if request.peer_certs().is_none() && bearer(request).is_some() => {
+                    let id = tokens
+                        .as_ref()
+                        .and_then(|t| bearer(request).and_then(|b| t.identify(b)));
+                    let Some(id) = id else {
+                        let refusal = Refusal {
+                            check: "no_identity",
+                            reason: "the bearer token is not one this coordinator accepts \
+                                     (--token-file); ask for a token or use a certificate"
+                                .into(),
+                        };
+                        return Err(self.refuse("unverified-token".to_owned(), refusal).await);
+                    };
+                    if let Some(refusal) = deny.as_ref().and_then(|(_, list)| list.refusal(&id)) {
+                        return Err(self.refuse(id.to_string(), refusal).await);
+                    }
+                    Ok(Some(id))
+                }
                 Ok(id) => {
                     if let Some(refusal) = deny.as_ref().and_then(|(_, list)| list.refusal(&id)) {
                         return Err(self.refuse(id.to_string(), refusal).await);
@@ -239,11 +261,32 @@ impl Services {
             None if action == OperatorAction::Read => Ok(String::new()),
             None => operator(request),
             Some(id) => match self.engine.policy().access.authorize_operator(&id, action) {
+                Ok(name) if name == crate::identity::BREAK_GLASS => {
+                    // Every use is audited and alerted before it acts; if that cannot be
+                    // recorded, the break-glass call does not go ahead.
+                    self.engine
+                        .break_glass(action.describe())
+                        .await
+                        .map_err(status)?;
+                    Ok(name)
+                }
                 Ok(name) => Ok(name),
                 Err(r) => Err(self.refuse(id.to_string(), r).await),
             },
         }
     }
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 fn check_reporter(host_id: &str) -> Result<(), Status> {
@@ -1012,31 +1055,109 @@ pub async fn serve_grpc(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tracing::info!(addr = ?listener.local_addr().ok(), store = engine.store_kind(), tls = !security.is_insecure(), "coordinator serving gRPC");
-    let mut builder = tonic::transport::Server::builder();
-    if let Security::Mtls { config, .. } = &security {
-        builder = builder.tls_config(config.clone())?;
-    }
+    let tls = match &security {
+        Security::Mtls { tls, .. } => Some(Arc::clone(tls)),
+        Security::Insecure => None,
+    };
+    let metrics = engine.metrics().clone();
     let services = Services {
         engine,
         telemetry: Arc::new(Mutex::new(FleetTelemetry::default())),
         security: Arc::new(security),
     };
-    // Small request/response messages: without TCP_NODELAY on the accepted sockets, Nagle's
-    // algorithm and the peer's delayed ACK add ~40 ms to some answers.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
-    builder
+    let router = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(CoordinatorServer::new(services.clone()))
         .add_service(AgentServer::new(services.clone()))
-        .add_service(OperatorServer::new(services))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .add_service(OperatorServer::new(services));
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls, metrics), shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|stream| {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                })
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+}
+
+/// Longest a TLS handshake may take; a client that connects and says nothing is dropped.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+/// Peer addresses whose failed handshake has been logged (each is logged once, all counted).
+const LOGGED_PEERS_MAX: usize = 1024;
+
+/// Accepted connections after their TLS handshake, with the config current at accept time
+/// (so rotated files apply to new connections). Handshakes run concurrently and bounded in
+/// time, so a slow client holds up nobody; a failure is counted and logged once per peer
+/// address. Ends when the server stops taking connections.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<crate::tls::ReloadingTls>,
+    metrics: crate::metrics::CoordinatorMetrics,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let logged = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: say so, and keep serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let (tx, metrics, logged) = (tx.clone(), metrics.clone(), Arc::clone(&logged));
+            tokio::spawn(async move {
+                let failure =
+                    match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let _ = tx.send(Ok(tls_stream)).await;
+                            return;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no handshake within {HANDSHAKE_WITHIN:?}"),
+                    };
+                metrics.tls_handshake_failed();
+                let first = {
+                    let mut seen = logged.lock().unwrap_or_else(|p| p.into_inner());
+                    seen.len() < LOGGED_PEERS_MAX && seen.insert(peer.ip())
+                };
+                if first {
+                    tracing::warn!(
+                        peer = %peer,
+                        error = failure,
+                        "TLS handshake failed (a certificate from another CA, expired, or not \
+                         TLS); later failures from this address are only counted"
+                    );
+                } else {
+                    tracing::debug!(peer = %peer, error = failure, "TLS handshake failed");
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// An outcome off the wire; unspecified or unknown values are refused.

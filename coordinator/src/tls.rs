@@ -5,11 +5,25 @@
 //!
 //! It reads files and asks `interlock_proto::tls` for a certificate's facts (x509-parser); it
 //! holds no authorization rules.
+//!
+//! The rustls config is built here rather than through tonic's `ServerTlsConfig` for two
+//! reasons tonic does not cover: the files are re-read when they change (a renewed certificate
+//! or a new CA bundle takes effect for new connections without a restart), and a client may
+//! connect without a certificate (to enrol with a join token, or as automation with a bearer
+//! token); every handler then finds no certificate identity and refuses unless it has
+//! another verified credential.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use interlock_proto::tls::{CertFacts, TlsFileError, TlsFiles, cert_facts_der, cert_facts_pem};
-use tonic::transport::ServerTlsConfig;
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::WebPkiClientVerifier,
+};
 
 use crate::identity::{self, Identity, IdentityError};
 
@@ -26,7 +40,9 @@ pub enum TlsError {
 #[derive(Debug, Clone)]
 pub enum Security {
     Mtls {
-        config: ServerTlsConfig,
+        tls: Arc<ReloadingTls>,
+        /// Bearer tokens (`--token-file`, `--break-glass-file`), re-read on change.
+        tokens: Option<Arc<TokenSource>>,
         trust_domain: String,
         /// `--deny-file`, re-read on change (`deny`); the policy's `[access] deny` also applies.
         deny: Option<(std::path::PathBuf, crate::deny::DenyList)>,
@@ -95,15 +111,218 @@ pub fn checked_not_after(
 
 /// The coordinator's mutual-TLS config from its files, all checked now.
 pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security, TlsError> {
-    let (ca, identity) = files.load()?;
-    let not_after = checked_not_after(files, ["coordinator", "ca"])?;
-    let config = ServerTlsConfig::new().identity(identity).client_ca_root(ca);
+    let (tls, not_after) = ReloadingTls::load(files)?;
     Ok(Security::Mtls {
-        config,
+        tls: Arc::new(tls),
+        tokens: None,
         trust_domain: trust_domain.to_owned(),
         deny: None,
         not_after,
     })
+}
+
+/// What identifies one version of the files: length and modification time of each.
+type Stamp = Vec<(u64, Option<SystemTime>)>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    stamp_of(&[&files.ca, &files.cert, &files.key])
+}
+
+fn stamp_of(paths: &[&std::path::Path]) -> Stamp {
+    paths
+        .iter()
+        .map(|p| match std::fs::metadata(p) {
+            Ok(m) => (m.len(), m.modified().ok()),
+            Err(_) => (0, None),
+        })
+        .collect()
+}
+
+/// The server's rustls config, rebuilt from its files when they change.
+#[derive(Debug)]
+pub struct ReloadingTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    /// The stamp of the files last tried, loaded or not (a bad edit is reported once).
+    tried: Mutex<Stamp>,
+}
+
+impl ReloadingTls {
+    /// Loads and checks the files (validity included); returns the expiry of the certificate
+    /// and the CA for the metric.
+    pub fn load(files: &TlsFiles) -> Result<(Self, Vec<(&'static str, i64)>), TlsError> {
+        let before = stamp(files);
+        let (config, not_after) = build(files)?;
+        Ok((
+            Self {
+                files: files.clone(),
+                current: RwLock::new(Arc::new(config)),
+                tried: Mutex::new(before),
+            },
+            not_after,
+        ))
+    }
+
+    /// The config new connections are accepted with.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .map(|c| Arc::clone(&c))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    /// Rebuilds the config if the files changed since last tried: `Ok(Some(expiries))` when a
+    /// new config is in use, `Ok(None)` when nothing changed, `Err` (once per change) when the
+    /// new files do not load; the config in use is then kept.
+    pub fn reload_if_changed(&self) -> Result<Option<Vec<(&'static str, i64)>>, TlsError> {
+        let now = stamp(&self.files);
+        {
+            let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
+            if *tried == now {
+                return Ok(None);
+            }
+            *tried = now;
+        }
+        let (config, not_after) = build(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(Some(not_after))
+    }
+}
+
+/// The token file and the break-glass file, re-read when they change (a removed line is a
+/// revoked token within a second); a bad edit keeps the tokens loaded before.
+#[derive(Debug)]
+pub struct TokenSource {
+    token_file: Option<std::path::PathBuf>,
+    break_glass: Option<std::path::PathBuf>,
+    current: RwLock<crate::tokens::Tokens>,
+    tried: Mutex<Stamp>,
+}
+
+impl TokenSource {
+    pub fn load(
+        token_file: Option<std::path::PathBuf>,
+        break_glass: Option<std::path::PathBuf>,
+    ) -> Result<Self, String> {
+        let source = Self {
+            token_file,
+            break_glass,
+            current: RwLock::new(crate::tokens::Tokens::default()),
+            tried: Mutex::new(Vec::new()),
+        };
+        source.reload_if_changed()?;
+        Ok(source)
+    }
+
+    fn paths(&self) -> Vec<&std::path::Path> {
+        [&self.token_file, &self.break_glass]
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_path())
+            .collect()
+    }
+
+    fn read(&self) -> Result<crate::tokens::Tokens, String> {
+        let read = |p: &std::path::Path| {
+            let mode = std::fs::metadata(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?
+                .permissions();
+            use std::os::unix::fs::PermissionsExt as _;
+            if mode.mode() & 0o077 != 0 {
+                return Err(format!(
+                    "{} is readable by group or others; token hashes must be 0600: run `chmod 600 {}`",
+                    p.display(),
+                    p.display()
+                ));
+            }
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let mut tokens = match &self.token_file {
+            Some(p) => crate::tokens::Tokens::parse(&read(p)?)
+                .map_err(|lines| format!("{}: {}", p.display(), lines.join("; ")))?,
+            None => crate::tokens::Tokens::default(),
+        };
+        if let Some(p) = &self.break_glass {
+            tokens = tokens
+                .with_break_glass(&read(p)?)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        Ok(tokens)
+    }
+
+    /// `Ok(true)` when new tokens are in use; `Err` once per change that does not load.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let now = stamp_of(&self.paths());
+        {
+            let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
+            if *tried == now {
+                return Ok(false);
+            }
+            *tried = now;
+        }
+        let tokens = self.read()?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = tokens;
+        Ok(true)
+    }
+
+    pub fn identify(&self, token: &str) -> Option<Identity> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .identify(token)
+    }
+}
+
+fn tls_err(path: &std::path::Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError::Certificate {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// The rustls server config: this certificate, clients verified against the CA when they
+/// present a certificate (and allowed to present none), HTTP/2 by ALPN as tonic expects.
+fn build(files: &TlsFiles) -> Result<(ServerConfig, Vec<(&'static str, i64)>), TlsError> {
+    // `load` refuses a readable key and a file that is not PEM, naming it.
+    files.load()?;
+    let not_after = checked_not_after(files, ["coordinator", "ca"])?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| TlsFileError::Read {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let ca_pem = read(&files.ca)?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        let cert = cert.map_err(|e| tls_err(&files.ca, format!("not a PEM certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| tls_err(&files.ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls_err(&files.ca, e))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&files.cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(&files.cert, format!("not a PEM certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|e| tls_err(&files.key, format!("not a PEM private key: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&files.cert, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            tls_err(
+                &files.key,
+                format!("does not go with {}: {e}", files.cert.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((config, not_after))
 }
 
 /// The verified caller of a request over mutual TLS. rustls has checked the chain against the

@@ -14,6 +14,7 @@ mod graph;
 mod late_outcome;
 mod modes;
 mod quarantine;
+mod tokens;
 mod trust;
 
 use interlock_tests::{
