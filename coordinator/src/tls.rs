@@ -47,7 +47,7 @@ pub enum Security {
         /// `--deny-file`, re-read on change (`deny`); the policy's `[access] deny` also applies.
         deny: Option<(std::path::PathBuf, crate::deny::DenyList)>,
         /// `(which, not_after unix seconds)` of the coordinator's certificate and the CA.
-        not_after: Vec<(&'static str, i64)>,
+        not_after: Expiries,
     },
     Insecure,
 }
@@ -88,10 +88,7 @@ pub fn check_validity(path: &str, facts: &CertFacts, now_unix: i64) -> Result<()
 /// Reads the certificate and the CA of `files`, refuses either outside its validity (naming
 /// the file), and returns `(name, not_after)` for each, named `names[0]` and `names[1]`, for the
 /// expiry metric.
-pub fn checked_not_after(
-    files: &TlsFiles,
-    names: [&'static str; 2],
-) -> Result<Vec<(&'static str, i64)>, TlsError> {
+pub fn checked_not_after(files: &TlsFiles, names: [&'static str; 2]) -> Result<Expiries, TlsError> {
     let mut not_after = Vec::new();
     for (which, path) in names.into_iter().zip([&files.cert, &files.ca]) {
         let pem = std::fs::read(path).map_err(|source| TlsFileError::Read {
@@ -120,6 +117,9 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
         not_after,
     })
 }
+
+/// `(which certificate, not_after unix seconds)`, for the expiry metric.
+pub type Expiries = Vec<(&'static str, i64)>;
 
 /// What identifies one version of the files: length and modification time of each.
 type Stamp = Vec<(u64, Option<SystemTime>)>;
@@ -150,7 +150,7 @@ pub struct ReloadingTls {
 impl ReloadingTls {
     /// Loads and checks the files (validity included); returns the expiry of the certificate
     /// and the CA for the metric.
-    pub fn load(files: &TlsFiles) -> Result<(Self, Vec<(&'static str, i64)>), TlsError> {
+    pub fn load(files: &TlsFiles) -> Result<(Self, Expiries), TlsError> {
         let before = stamp(files);
         let (config, not_after) = build(files)?;
         Ok((
@@ -174,7 +174,7 @@ impl ReloadingTls {
     /// Rebuilds the config if the files changed since last tried: `Ok(Some(expiries))` when a
     /// new config is in use, `Ok(None)` when nothing changed, `Err` (once per change) when the
     /// new files do not load; the config in use is then kept.
-    pub fn reload_if_changed(&self) -> Result<Option<Vec<(&'static str, i64)>>, TlsError> {
+    pub fn reload_if_changed(&self) -> Result<Option<Expiries>, TlsError> {
         let now = stamp(&self.files);
         {
             let mut tried = self.tried.lock().unwrap_or_else(|p| p.into_inner());
@@ -282,7 +282,7 @@ fn tls_err(path: &std::path::Path, message: impl std::fmt::Display) -> TlsError 
 
 /// The rustls server config: this certificate, clients verified against the CA when they
 /// present a certificate (and allowed to present none), HTTP/2 by ALPN as tonic expects.
-fn build(files: &TlsFiles) -> Result<(ServerConfig, Vec<(&'static str, i64)>), TlsError> {
+fn build(files: &TlsFiles) -> Result<(ServerConfig, Expiries), TlsError> {
     // `load` refuses a readable key and a file that is not PEM, naming it.
     files.load()?;
     let not_after = checked_not_after(files, ["coordinator", "ca"])?;
