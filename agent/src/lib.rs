@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod detect;
 pub mod doctor;
+pub mod enrol;
 pub mod finding;
 pub mod flows;
 pub mod metrics;

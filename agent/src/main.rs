@@ -29,6 +29,15 @@ enum Command {
         #[arg(long, default_value = "/etc/interlock/agent.toml")]
         config: PathBuf,
     },
+    /// Get this host's certificate with a one-time join token (`interlock certs token --host
+    /// H`): a new key and certificate are written to the config's [tls] cert and key.
+    Enrol {
+        #[arg(long, default_value = "/etc/interlock/agent.toml")]
+        config: PathBuf,
+        /// The join token (or INTERLOCK_JOIN_TOKEN).
+        #[arg(long, env = "INTERLOCK_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Check a config file: prints "ok" or every problem (exit 1).
     Check {
         #[arg(long, default_value = "/etc/interlock/agent.toml")]
@@ -115,6 +124,32 @@ async fn main() -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
+        Command::Enrol { config, token } => {
+            init_logging(LogFormat::Text);
+            let path = config;
+            let config = config::load(&path)?;
+            let Some(tls) = &config.tls else {
+                anyhow::bail!(
+                    "{}: add [tls] with ca (the installation's ca.pem), cert and key (where to \
+                     write them) to enrol",
+                    path.display()
+                );
+            };
+            let not_after = interlock_agent::enrol::enrol(
+                &config.host_id,
+                &config.coordinator,
+                &tls.files,
+                &token,
+            )
+            .await?;
+            println!(
+                "host:{} enrolled: {} (key {}, 0600), valid until unix {not_after}; the agent renews it",
+                config.host_id,
+                tls.files.cert.display(),
+                tls.files.key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config } => {
             let config = config::load(&config)?;
             init_logging(config.log_format);

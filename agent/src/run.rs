@@ -139,6 +139,15 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    let renewal = config.tls.as_ref().map(|t| {
+        tokio::spawn(renewal_task(
+            config.coordinator.clone(),
+            t.files.clone(),
+            config.intervals.cert,
+            stop_rx.clone(),
+        ))
+    });
+
     let actor = match (config.actions.clone(), journal) {
         (Some(actions), Some(journal)) => {
             let mounts = pressure
@@ -174,11 +183,51 @@ pub async fn run(
         let _ = actor.await;
     }
     let _ = link.await;
+    if let Some(renewal) = renewal {
+        let _ = renewal.await;
+    }
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "metrics server ended with an error");
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Renews the agent's certificate over mutual TLS once a third of its lifetime is left,
+/// checked every `every`; each distinct failure is logged once (a coordinator without
+/// `--ca-key` cannot renew: hand-issued certificates are then replaced by hand).
+async fn renewal_task(
+    urls: Vec<String>,
+    files: interlock_proto::tls::TlsFiles,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        match crate::enrol::renew_if_due(&urls, &files, unix_s()).await {
+            Ok(None) => {}
+            Ok(Some(not_after_unix)) => {
+                last_error.clear();
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    not_after_unix,
+                    "certificate renewed; new connections present it"
+                );
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    tracing::warn!(error = e, "renewing the certificate failed; will retry");
+                    last_error = e;
+                }
+            }
+        }
+    }
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

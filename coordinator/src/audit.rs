@@ -56,6 +56,12 @@ pub enum AuditKind {
     Reseal,
     /// The break-glass credential was used; the record precedes the action it allowed.
     BreakGlass,
+    /// An operator made a join token for a host (its hash is in the detail).
+    JoinToken,
+    /// A host enrolled with a join token (the token is used up in the same transaction).
+    Enrol,
+    /// A host renewed its certificate over mutual TLS.
+    CertRenewed,
 }
 
 impl AuditKind {
@@ -82,6 +88,9 @@ impl AuditKind {
             AuditKind::Quarantine => "quarantine",
             AuditKind::Reseal => "reseal",
             AuditKind::BreakGlass => "break_glass",
+            AuditKind::JoinToken => "join_token",
+            AuditKind::Enrol => "enrol",
+            AuditKind::CertRenewed => "cert_renewed",
         }
     }
 }

@@ -280,6 +280,127 @@ pub fn issue_etcd_user(dir: &Path, user: &str, validity: Validity) -> Result<Iss
     Ok(out)
 }
 
+/// Signs a host's certificate request (enrolment and renewal) with the CA. Only the request's
+/// public key is used, and its signature is checked (the host holds the key); the names, the
+/// usage and the lifetime are the CA's: the host's SPIFFE URI, client auth, `validity`.
+pub fn sign_host_csr(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    trust_domain: &str,
+    host: &str,
+    csr_pem: &str,
+    validity: Validity,
+) -> Result<String, CertsError> {
+    let identity = Identity::Host(host.to_owned());
+    let uri = spiffe_uri(&identity, trust_domain);
+    crate::identity::from_uris(std::slice::from_ref(&uri), trust_domain)
+        .map_err(|e| CertsError::Invalid(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, KeyPair::from_pem(ca_key_pem)?)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        CertsError::Invalid(format!(
+            "the certificate request is not a valid PKCS#10 request signed by its key: {e}"
+        ))
+    })?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.to_string());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.use_authority_key_identifier_extension = true;
+    csr.params = params;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
+/// The CA's key held by the coordinator (`interlock serve --ca-key`), to sign the short-lived
+/// certificates of enrolling and renewing hosts.
+pub struct Signer {
+    ca_cert_pem: String,
+    ca_key_pem: String,
+    pub trust_domain: String,
+    /// How long an issued host certificate lasts.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("trust_domain", &self.trust_domain)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Reads the CA certificate and key (the key must be 0600), checking they go together.
+    pub fn load(
+        ca: &Path,
+        key: &Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, CertsError> {
+        let ca_cert_pem = fs::read_to_string(ca).map_err(io(ca))?;
+        let ca_key_pem = interlock_proto::tls::read_key(key)
+            .map_err(|e| CertsError::Invalid(e.to_string()))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())?;
+        Issuer::from_ca_cert_pem(&ca_cert_pem, KeyPair::from_pem(&ca_key_pem)?).map_err(|e| {
+            CertsError::Invalid(format!(
+                "{} and {} are not a CA certificate and its key: {e}",
+                ca.display(),
+                key.display()
+            ))
+        })?;
+        Ok(Self {
+            ca_cert_pem,
+            ca_key_pem,
+            trust_domain: trust_domain.to_owned(),
+            lifetime,
+        })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// A certificate for `host` from its request, valid for `lifetime` from now and from a
+    /// little before (a tenth of the lifetime, at most five minutes: clocks differ). Returns
+    /// the PEM and its end (unix seconds).
+    pub fn sign(
+        &self,
+        host: &str,
+        csr_pem: &str,
+        now_unix: i64,
+    ) -> Result<(String, i64), CertsError> {
+        let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX);
+        let not_after = now_unix.saturating_add(lifetime);
+        let skew = (lifetime / 10).min(300);
+        let validity = Validity::from_unix(now_unix - skew, not_after)?;
+        let pem = sign_host_csr(
+            &self.ca_cert_pem,
+            &self.ca_key_pem,
+            &self.trust_domain,
+            host,
+            csr_pem,
+            validity,
+        )?;
+        Ok((pem, not_after))
+    }
+}
+
+/// Checks a certificate request (format and its signature) without signing anything.
+pub fn check_csr(csr_pem: &str) -> Result<(), CertsError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| {
+            CertsError::Invalid(format!(
+                "the certificate request is not a valid PKCS#10 request signed by its key: {e}"
+            ))
+        })
+}
+
 fn server_sans(server_names: &[String]) -> Result<Vec<SanType>, CertsError> {
     server_names
         .iter()

@@ -753,6 +753,44 @@ fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
     }
 }
 
+/// `interlock certs token --host H --ttl T`: asks the coordinator for a join token and prints
+/// it (shown once; the coordinator keeps only its hash).
+pub async fn join_token(args: &ClientArgs, host: &str, ttl: Duration) -> anyhow::Result<ExitCode> {
+    let result = async {
+        let tls = client_tls(args)?;
+        let mut replicas = Replicas::new(
+            &args.coordinators,
+            &args.operator,
+            args.token.as_deref(),
+            tls,
+        )?;
+        let request = pb::CreateJoinTokenRequest {
+            host_id: host.to_owned(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        let (_, reply) = rpc!(replicas, OperatorClient, create_join_token, request)?;
+        let value = json!({
+            "host": host, "token": reply.token, "expires_at_ms": reply.expires_at_ms,
+        });
+        let text = format!(
+            "{}\n(join token for host {host}: shown once, single use, expires in {}; enrol with \
+             `interlock-agent enrol --config agent.toml --token <token>`)",
+            reply.token,
+            humantime::format_duration(ttl)
+        );
+        emit(args.output, &value, &text)?;
+        Ok::<_, CliError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error) => {
+            writeln!(std::io::stderr(), "interlock: {error}")?;
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, CliError> {
     let tls = client_tls(args)?;
     let mut replicas = Replicas::new(

@@ -86,6 +86,18 @@ pub enum EngineError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Refused because of the credential presented (a join token unknown, used or expired).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A join token as stored under `join/<hash>` (attached to a store lease that ends it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct JoinTokenRecord {
+    host: String,
+    expires_at_ms: u64,
+    /// The audit record that made it: a join key the audit does not back is no token.
+    audit_seq: u64,
 }
 
 /// A lease request as the agent (or `interlock lease acquire`) sends it.
@@ -227,6 +239,25 @@ enum Cmd {
         owner: String,
         check: String,
         reason: String,
+        reply: Reply<()>,
+    },
+    /// Stores a join token's hash for `host`, expiring after `ttl`.
+    CreateJoinToken {
+        host: String,
+        token_hash: String,
+        ttl: Duration,
+        operator: String,
+        reply: Reply<UnixMillis>,
+    },
+    /// Uses up a join token for `host`: `Ok(Err(why))` when it is not a valid token for it.
+    ConsumeJoinToken {
+        host: String,
+        token_hash: String,
+        reply: Reply<Result<(), String>>,
+    },
+    /// An audit-only record (a certificate renewal).
+    Record {
+        draft: AuditDraft,
         reply: Reply<()>,
     },
     /// The break-glass credential is about to be used for `what`: audit and alert first.
@@ -778,6 +809,55 @@ impl Engine {
             reply,
         })
         .await
+    }
+
+    /// Makes a join token for `host` (the caller generated it; only its hash is stored),
+    /// audited as owned by the operator. Returns when it expires.
+    pub async fn create_join_token(
+        &self,
+        host: String,
+        token_hash: String,
+        ttl: Duration,
+        operator: String,
+    ) -> Result<UnixMillis, EngineError> {
+        check_operator(&operator)?;
+        self.send(|reply| Cmd::CreateJoinToken {
+            host,
+            token_hash,
+            ttl,
+            operator,
+            reply,
+        })
+        .await
+    }
+
+    /// Uses up a join token for `host` (single use: deleted in the transaction that audits the
+    /// enrolment). `Err(Refused)` when the token is unknown, used, expired, for another host,
+    /// or not backed by the audit.
+    pub async fn consume_join_token(
+        &self,
+        host: String,
+        token_hash: String,
+    ) -> Result<(), EngineError> {
+        self.send(|reply| Cmd::ConsumeJoinToken {
+            host,
+            token_hash,
+            reply,
+        })
+        .await?
+        .map_err(EngineError::Refused)
+    }
+
+    /// Audits a host's certificate renewal.
+    pub async fn certificate_renewed(
+        &self,
+        host: String,
+        not_after_unix: i64,
+    ) -> Result<(), EngineError> {
+        let mut draft = AuditDraft::new(AuditKind::CertRenewed, format!("host:{host}"));
+        draft.host = Some(host);
+        draft.detail = json!({ "not_after_unix": not_after_unix });
+        self.send(|reply| Cmd::Record { draft, reply }).await
     }
 
     /// Audits and alerts a use of the break-glass credential; the call goes ahead only if
@@ -2446,6 +2526,32 @@ impl Actor {
                 let r = self.late_outcome(late).await;
                 self.finish(r, reply)
             }
+            Cmd::CreateJoinToken {
+                host,
+                token_hash,
+                ttl,
+                operator,
+                reply,
+            } => {
+                let r = self
+                    .create_join_token(host, token_hash, ttl, operator)
+                    .await;
+                self.finish(r, reply)
+            }
+            Cmd::ConsumeJoinToken {
+                host,
+                token_hash,
+                reply,
+            } => {
+                let r = self.consume_join_token(host, token_hash).await;
+                self.finish(r, reply)
+            }
+            Cmd::Record { draft, reply } => {
+                let mut tx = TxnBuilder::default();
+                tx.drafts.push(draft);
+                let r = self.commit_or(tx, now_ms()).await.map(|_| ());
+                self.finish(r, reply)
+            }
             Cmd::BreakGlass { what, reply } => {
                 let mut tx = TxnBuilder::default();
                 let owner = format!("operator:{}", crate::identity::BREAK_GLASS);
@@ -3024,6 +3130,136 @@ impl Actor {
         self.commit_or(tx, now_ms()).await?;
         self.view.approvals.insert(id, (record, lease));
         Ok(())
+    }
+
+    async fn create_join_token(
+        &mut self,
+        host: String,
+        token_hash: String,
+        ttl: Duration,
+        operator: String,
+    ) -> Result<UnixMillis, Result<EngineError, String>> {
+        let now = now_ms();
+        let expires = UnixMillis(
+            now.0
+                .saturating_add(ttl.as_millis().try_into().unwrap_or(u64::MAX)),
+        );
+        let lease = self
+            .inner
+            .store
+            .lease_grant(ttl_secs(ttl + Duration::from_secs(1)))
+            .await
+            .map_err(|e| Ok(EngineError::from(e)))?;
+        let key = self.inner.keys.join_token(&token_hash);
+        let record = JoinTokenRecord {
+            host: host.clone(),
+            expires_at_ms: expires.0,
+            // The first record of this transaction gets the chain's next number.
+            audit_seq: self.chain.next_seq(),
+        };
+        let mut tx = TxnBuilder::default();
+        tx.compares.push(Compare::CreateRevision {
+            key: key.clone(),
+            op: CmpOp::Equal,
+            rev: 0,
+        });
+        tx.ops.push(Op::Put {
+            key,
+            value: serde_json::to_vec(&record).expect("join tokens serialise"),
+            lease: lease.0,
+        });
+        let mut d = AuditDraft::new(AuditKind::JoinToken, format!("operator:{operator}"));
+        d.host = Some(host);
+        d.detail = json!({"token_hash": token_hash, "expires_at_ms": expires.0});
+        tx.drafts.push(d);
+        match self.commit_or(tx, now).await {
+            Ok(_) => Ok(expires),
+            Err(e) => {
+                release_unused(&self.inner.store, Some(lease));
+                Err(e)
+            }
+        }
+    }
+
+    async fn consume_join_token(
+        &mut self,
+        host: String,
+        token_hash: String,
+    ) -> Result<Result<(), String>, Result<EngineError, String>> {
+        let unknown = || {
+            Ok(Err(
+                "the join token is unknown, used or expired: ask an operator for a new one \
+                 (`interlock certs token --host HOST`)"
+                    .to_owned(),
+            ))
+        };
+        let key = self.inner.keys.join_token(&token_hash);
+        let Some(kv) = self
+            .inner
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| Ok(EngineError::from(e)))?
+        else {
+            return unknown();
+        };
+        let Ok(record) = serde_json::from_slice::<JoinTokenRecord>(&kv.value) else {
+            return unknown();
+        };
+        let now = now_ms();
+        if record.expires_at_ms <= now.0 {
+            return unknown();
+        }
+        if record.host != host {
+            return Ok(Err(format!(
+                "the join token is for host {}, not {host}",
+                record.host
+            )));
+        }
+        // Backed by the audit: the record that made it names this hash and host.
+        let made = self
+            .inner
+            .store
+            .get(&self.inner.keys.audit_record(record.audit_seq))
+            .await
+            .map_err(|e| Ok(EngineError::from(e)))?
+            .and_then(|kv| serde_json::from_slice::<AuditRecord>(&kv.value).ok());
+        let backed = made.is_some_and(|r| {
+            r.kind == AuditKind::JoinToken
+                && r.host.as_deref() == Some(host.as_str())
+                && r.detail["token_hash"] == token_hash.as_str()
+                && r.computed_hash() == r.hash
+        });
+        if !backed {
+            tracing::error!(
+                key,
+                "a join key the audit does not back (written behind the coordinator's back?) was refused"
+            );
+            return unknown();
+        }
+        let mut tx = TxnBuilder::default();
+        tx.compares.push(Compare::ModRevision {
+            key: key.clone(),
+            op: CmpOp::Equal,
+            rev: kv.mod_revision,
+        });
+        tx.ops.push(Op::Delete { key });
+        let mut d = AuditDraft::new(AuditKind::Enrol, format!("host:{host}"));
+        d.host = Some(host);
+        d.detail = json!({"token_hash": token_hash, "join_token_record": record.audit_seq});
+        tx.drafts.push(d);
+        match self.commit(tx, now).await {
+            Ok(_) => Ok(Ok(())),
+            // The key changed since it was read: someone else used it first.
+            Err(CommitError::Conflict) => unknown(),
+            Err(e) => {
+                let (err, fatal) = self.commit_failure(&e);
+                match fatal {
+                    Some(f) => Err(Err(f)),
+                    None => Err(Ok(err)),
+                }
+            }
+        }
     }
 
     /// A key disappeared (lease expiry, or our own delete echoing back).

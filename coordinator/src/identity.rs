@@ -147,6 +147,8 @@ pub enum OperatorAction {
     Unfreeze,
     Revoke,
     SetMode(Mode),
+    /// Make a join token: it mints a host identity, so it needs admin.
+    IssueJoinToken,
 }
 
 impl OperatorAction {
@@ -158,7 +160,9 @@ impl OperatorAction {
             | OperatorAction::Unfreeze
             | OperatorAction::Revoke
             | OperatorAction::SetMode(Mode::Observe | Mode::Assist) => Role::Operator,
-            OperatorAction::SetMode(Mode::Autonomous) => Role::Admin,
+            OperatorAction::SetMode(Mode::Autonomous) | OperatorAction::IssueJoinToken => {
+                Role::Admin
+            }
         }
     }
 
@@ -171,6 +175,7 @@ impl OperatorAction {
             OperatorAction::Unfreeze => "unfreeze".into(),
             OperatorAction::Revoke => "revoke a lease".into(),
             OperatorAction::SetMode(m) => format!("switch a class to {m}"),
+            OperatorAction::IssueJoinToken => "make a join token for a host".into(),
         }
     }
 }

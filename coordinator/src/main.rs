@@ -110,6 +110,14 @@ struct ServeArgs {
     /// the policy says; every use is audited and alerted.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     break_glass_file: Option<PathBuf>,
+    /// The CA's private key (mode 0600): hosts may then enrol with join tokens (`interlock
+    /// certs token`) and renew their certificates over mTLS; this coordinator signs them.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca_key: Option<PathBuf>,
+    /// How long a certificate signed for an enrolling or renewing host lasts; agents renew
+    /// when a third of it is left.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    host_cert_lifetime: Duration,
     /// Serve plaintext and trust the identities requests claim. For trying things out only:
     /// logs a warning at start and shows in `interlock status`.
     #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
@@ -133,21 +141,10 @@ enum TokensCommand {
     },
 }
 
-/// 32 bytes from the kernel's CSPRNG, hex. Read from /dev/urandom directly: one read of a
-/// fixed size needs no random-number crate.
-fn new_token() -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
-    Ok(hex::encode(bytes))
-}
-
 fn tokens_cmd(command: TokensCommand) -> anyhow::Result<()> {
     use interlock_coordinator::{identity, tokens};
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let token = new_token()?;
+    let token = tokens::new_token().context("reading /dev/urandom")?;
     match command {
         TokensCommand::New { name, file } => {
             if !identity::valid_name(&name) || name == identity::BREAK_GLASS {
@@ -267,6 +264,15 @@ enum CertsCommand {
     /// Issue a certificate signed by DIR's CA.
     #[command(subcommand)]
     Issue(IssueCommand),
+    /// Ask the coordinator for a one-time join token for HOST (admin role; the coordinator
+    /// must run with --ca-key): the agent enrols with `interlock-agent enrol --token`.
+    Token {
+        #[arg(long)]
+        host: String,
+        /// How long the token may be used (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -320,12 +326,13 @@ enum IssueCommand {
     },
 }
 
-fn certs_cmd(command: CertsCommand) -> anyhow::Result<()> {
+async fn certs_cmd(client: &ClientArgs, command: CertsCommand) -> anyhow::Result<ExitCode> {
     use interlock_coordinator::{
         certs::{self, Validity},
         identity::Identity,
     };
     match command {
+        CertsCommand::Token { host, ttl } => return cli::join_token(client, &host, ttl).await,
         CertsCommand::Init {
             dir,
             trust_domain,
@@ -407,7 +414,7 @@ fn certs_cmd(command: CertsCommand) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -428,7 +435,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve_cmd(*args).await.map(|()| ExitCode::SUCCESS),
-            Command::Certs(command) => certs_cmd(command).map(|()| ExitCode::SUCCESS),
+            Command::Certs(command) => certs_cmd(&cli.client, command).await,
             Command::Tokens(command) => tokens_cmd(command).map(|()| ExitCode::SUCCESS),
             Command::EtcdBootstrap(args) => {
                 etcd_bootstrap_cmd(args).await.map(|()| ExitCode::SUCCESS)
@@ -466,6 +473,20 @@ fn security(args: &ServeArgs) -> anyhow::Result<Security> {
         key: key.clone(),
     };
     let mut security = tls::server_security(&files, &trust_domain)?;
+    if let Some(ca_key) = &args.ca_key {
+        if args.host_cert_lifetime < Duration::from_secs(10) {
+            anyhow::bail!("--host-cert-lifetime must be at least 10s");
+        }
+        let signer = interlock_coordinator::certs::Signer::load(
+            ca,
+            ca_key,
+            &trust_domain,
+            args.host_cert_lifetime,
+        )?;
+        if let Security::Mtls { signer: s, .. } = &mut security {
+            *s = Some(std::sync::Arc::new(signer));
+        }
+    }
     if args.token_file.is_some() || args.break_glass_file.is_some() {
         let source = tls::TokenSource::load(args.token_file.clone(), args.break_glass_file.clone())
             .map_err(anyhow::Error::msg)?;

@@ -52,6 +52,7 @@ fn status(err: EngineError) -> Status {
         EngineError::NotFound(m) => Status::not_found(m),
         EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
         EngineError::Unavailable(m) => Status::unavailable(m),
+        EngineError::Refused(m) => Status::permission_denied(m),
     }
 }
 
@@ -277,6 +278,32 @@ impl Services {
     }
 }
 
+/// How long a join token lives unless the operator says otherwise, and at most.
+const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(7 * 86_400);
+
+fn now_unix() -> i64 {
+    i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX)
+}
+
+impl Services {
+    /// The CA's key, or why hosts cannot enrol here.
+    fn signer(&self) -> Result<Arc<crate::certs::Signer>, Status> {
+        match &*self.security {
+            Security::Mtls {
+                signer: Some(s), ..
+            } => Ok(Arc::clone(s)),
+            Security::Mtls { .. } => Err(Status::failed_precondition(
+                "this coordinator does not sign certificates: start interlock serve with \
+                 --ca-key (the CA's key) to enrol hosts with join tokens",
+            )),
+            Security::Insecure => Err(Status::failed_precondition(
+                "enrolment needs TLS: this coordinator serves --insecure",
+            )),
+        }
+    }
+}
+
 /// The token of an `authorization: Bearer <token>` header.
 fn bearer<T>(request: &Request<T>) -> Option<&str> {
     request
@@ -326,6 +353,83 @@ impl Coordinator for Services {
 
 #[tonic::async_trait]
 impl Agent for Services {
+    async fn enrol(
+        &self,
+        request: Request<pb::EnrolRequest>,
+    ) -> Result<Response<pb::CertificateReply>, Status> {
+        let signer = self.signer()?;
+        if request.peer_certs().is_some() {
+            return Err(Status::failed_precondition(
+                "this connection already presents a certificate: renew with RenewCertificate",
+            ));
+        }
+        let pb::EnrolRequest {
+            host_id,
+            token,
+            csr_pem,
+        } = request.into_inner();
+        if !crate::identity::valid_name(&host_id) {
+            return Err(Status::invalid_argument(
+                "host_id must be 1-253 bytes of letters, digits, '.', '_', '-'",
+            ));
+        }
+        crate::certs::check_csr(&csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Used up (and audited) before anything is signed; a refusal is counted and audited.
+        if let Err(e) = self
+            .engine
+            .consume_join_token(host_id.clone(), crate::tokens::hash(&token))
+            .await
+        {
+            return Err(match e {
+                EngineError::Refused(reason) => {
+                    let refusal = Refusal {
+                        check: "join_token",
+                        reason,
+                    };
+                    self.refuse(format!("enrolling:{host_id}"), refusal).await
+                }
+                other => status(other),
+            });
+        }
+        let (cert_pem, not_after_unix) = signer
+            .sign(&host_id, &csr_pem, now_unix())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(
+            host = host_id,
+            not_after_unix,
+            "host enrolled with a join token"
+        );
+        Ok(Response::new(pb::CertificateReply {
+            cert_pem,
+            ca_pem: signer.ca_pem().to_owned(),
+            not_after_unix,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::CertificateReply>, Status> {
+        let signer = self.signer()?;
+        // The host is the one of the certificate presented, never a field of the request.
+        let host = self.host_for(&request, "").await?;
+        let csr_pem = request.into_inner().csr_pem;
+        crate::certs::check_csr(&csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (cert_pem, not_after_unix) = signer
+            .sign(&host, &csr_pem, now_unix())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.engine
+            .certificate_renewed(host.clone(), not_after_unix)
+            .await
+            .map_err(status)?;
+        tracing::info!(host, not_after_unix, "host certificate renewed");
+        Ok(Response::new(pb::CertificateReply {
+            cert_pem,
+            ca_pem: signer.ca_pem().to_owned(),
+            not_after_unix,
+        }))
+    }
+
     async fn register(
         &self,
         request: Request<pb::RegisterRequest>,
@@ -564,6 +668,42 @@ impl Agent for Services {
 
 #[tonic::async_trait]
 impl Operator for Services {
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenReply>, Status> {
+        self.signer()?;
+        let operator = self
+            .operator_for(&request, OperatorAction::IssueJoinToken)
+            .await?;
+        let pb::CreateJoinTokenRequest { host_id, ttl_ms } = request.into_inner();
+        if !crate::identity::valid_name(&host_id) {
+            return Err(Status::invalid_argument(
+                "host_id must be 1-253 bytes of letters, digits, '.', '_', '-'",
+            ));
+        }
+        let ttl = match ttl_ms {
+            0 => JOIN_TOKEN_TTL,
+            ms => Duration::from_millis(ms),
+        };
+        if ttl > JOIN_TOKEN_TTL_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a join token lives at most {}; give a shorter --ttl",
+                humantime::format_duration(JOIN_TOKEN_TTL_MAX)
+            )));
+        }
+        let token = crate::tokens::new_token().map_err(|e| Status::internal(e.to_string()))?;
+        let expires = self
+            .engine
+            .create_join_token(host_id, crate::tokens::hash(&token), ttl, operator)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CreateJoinTokenReply {
+            token,
+            expires_at_ms: expires.0,
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

@@ -43,6 +43,8 @@ pub enum Security {
         tls: Arc<ReloadingTls>,
         /// Bearer tokens (`--token-file`, `--break-glass-file`), re-read on change.
         tokens: Option<Arc<TokenSource>>,
+        /// The CA's key (`--ca-key`), when hosts may enrol with join tokens and renew.
+        signer: Option<Arc<crate::certs::Signer>>,
         trust_domain: String,
         /// `--deny-file`, re-read on change (`deny`); the policy's `[access] deny` also applies.
         deny: Option<(std::path::PathBuf, crate::deny::DenyList)>,
@@ -112,6 +114,7 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
     Ok(Security::Mtls {
         tls: Arc::new(tls),
         tokens: None,
+        signer: None,
         trust_domain: trust_domain.to_owned(),
         deny: None,
         not_after,

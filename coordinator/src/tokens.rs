@@ -9,13 +9,23 @@
 //! audits and alerts every use. Tokens are only accepted over TLS, from a caller that
 //! presented no client certificate, and only for the operator API: a token is never a host.
 //!
-//! Pure: parsing and lookup. Files are read by the caller.
+//! Parsing and lookup are pure; files are read by the caller. [`new_token`] reads the
+//! kernel's random device.
 
 use std::collections::BTreeMap;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::identity::{BREAK_GLASS, Identity, valid_name};
+
+/// A new token: 32 bytes from the kernel's CSPRNG, hex. Read from /dev/urandom directly: one
+/// fixed-size read needs no random-number crate.
+pub fn new_token() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
 
 /// The hex SHA-256 of a token, as the files store it.
 pub fn hash(token: &str) -> String {

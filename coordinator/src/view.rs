@@ -96,6 +96,10 @@ impl Keys {
     pub fn policy(&self) -> String {
         format!("{}/policy", self.root)
     }
+    /// A join token, by the hash of the token (`interlock certs token`).
+    pub fn join_token(&self, hash: &str) -> String {
+        format!("{}/join/{hash}", self.root)
+    }
     /// The state seal (see `seal`).
     pub fn seal(&self) -> String {
         format!("{}/seal", self.root)

@@ -4,6 +4,7 @@
 mod actions;
 mod cert_expiry;
 mod cleanup;
+mod enrol;
 mod findings;
 mod fleet;
 mod pressure;
