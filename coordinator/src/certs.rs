@@ -91,6 +91,12 @@ impl Validity {
     }
 }
 
+/// A server's certificate also authenticates it as a client (replicas and etcd peers).
+const SERVER_USAGES: [ExtendedKeyUsagePurpose; 2] = [
+    ExtendedKeyUsagePurpose::ServerAuth,
+    ExtendedKeyUsagePurpose::ClientAuth,
+];
+
 /// Paths of one issued certificate and its key.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -182,10 +188,7 @@ pub fn issue_coordinator(
         dir,
         "Interlock coordinator",
         sans,
-        vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        SERVER_USAGES.to_vec(),
         validity,
         &out,
         true,
@@ -244,10 +247,7 @@ pub fn issue_etcd_server(
         dir,
         "etcd",
         sans,
-        vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        SERVER_USAGES.to_vec(),
         validity,
         &out,
         true,
@@ -301,17 +301,12 @@ pub fn sign_host_csr(
             "the certificate request is not a valid PKCS#10 request signed by its key: {e}"
         ))
     })?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.to_string());
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.not_before = validity.not_before;
-    params.not_after = validity.not_after;
-    params.use_authority_key_identifier_extension = true;
-    csr.params = params;
+    csr.params = leaf_params(
+        &identity.to_string(),
+        vec![SanType::URI(uri.as_str().try_into()?)],
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        validity,
+    )?;
     Ok(csr.signed_by(&issuer)?.pem())
 }
 
@@ -429,6 +424,23 @@ fn sign(
     }
     let issuer = issuer(dir)?;
     let key = KeyPair::generate()?;
+    let cert = leaf_params(common_name, sans, usages, validity)?.signed_by(&key, &issuer)?;
+    if replace {
+        let _ = fs::remove_file(&out.key);
+    }
+    write_private(&out.key, &key.serialize_pem())?;
+    write_public(&out.cert, &cert.pem())?;
+    Ok(())
+}
+
+/// What every certificate the CA issues has: one common name, these SANs and extended key
+/// usages, digital signature only, this validity, and the CA's key identifier.
+fn leaf_params(
+    common_name: &str,
+    sans: Vec<SanType>,
+    usages: Vec<ExtendedKeyUsagePurpose>,
+    validity: Validity,
+) -> Result<CertificateParams, CertsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = sans;
     params
@@ -439,13 +451,7 @@ fn sign(
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
     params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer)?;
-    if replace {
-        let _ = fs::remove_file(&out.key);
-    }
-    write_private(&out.key, &key.serialize_pem())?;
-    write_public(&out.cert, &cert.pem())?;
-    Ok(())
+    Ok(params)
 }
 
 /// Writes a key: created 0600, never replacing an existing file.
