@@ -22,6 +22,9 @@ async fn a_client_pings_the_coordinator_and_bad_input_is_refused() {
         election_ttl: Duration::from_secs(2),
         failpoint_pause_before_grant_commit: None,
         audit_retention: 100_000,
+        // Insecure on purpose: this checks the caller name the message claims, which only an
+        // insecure server believes (over mutual TLS the certificate's identity replaces it, so
+        // there is nothing to refuse); the mTLS path is every other coordinator test.
         security: interlock_coordinator::tls::Security::Insecure,
     };
     let server = tokio::spawn(serve::run(options, listener, None, async {

@@ -17,8 +17,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use interlock_tests::agent::{
-    Agent, Tmpfs, crash_demo, demo_healthy, demo_starts, free_addr, journal_entries, old_logs,
-    unix_ms,
+    Agent, Link, Tmpfs, crash_demo, demo_healthy, demo_starts, free_addr, journal_entries,
+    old_logs, unix_ms,
 };
 use interlock_tests::coordinator::binary;
 use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, fresh_prefix, require_root};
@@ -58,7 +58,8 @@ struct Fleet {
 
 fn fleet(test: &str, policy: &str) -> Fleet {
     let etcd = Etcd::start().expect("start etcd");
-    let options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix(test), policy);
+    let options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix(test), policy)
+        .grant("alice", "operator");
     let coordinator = Coordinator::start(&options).expect("start coordinator");
     coordinator
         .wait_leader(Duration::from_secs(20))
@@ -69,17 +70,19 @@ fn fleet(test: &str, policy: &str) -> Fleet {
     }
 }
 
-fn interlock(url: &str, args: &[&str]) -> Output {
-    Command::new(binary("interlock"))
-        .args(["--coordinator", url, "--operator", "alice", "-o", "json"])
+/// The operator CLI as alice (her certificate; role operator), JSON output.
+fn interlock(coordinator: &Coordinator, args: &[&str]) -> Output {
+    coordinator
+        .cli("alice")
+        .args(["-o", "json"])
         .args(args)
         .output()
         .expect("run interlock")
 }
 
 /// The audit records, oldest first.
-fn audit(url: &str) -> Vec<serde_json::Value> {
-    let out = interlock(url, &["audit"]);
+fn audit(coordinator: &Coordinator) -> Vec<serde_json::Value> {
+    let out = interlock(coordinator, &["audit"]);
     assert!(
         out.status.success(),
         "interlock audit: {}",
@@ -112,9 +115,14 @@ fn entries(journal: &[serde_json::Value], entry: &str, token: u64) -> Vec<serde_
 
 /// An agent supervising a demo service on `demo` started with `demo_args` (`--ready-after`,
 /// `--crash-after`, ...); `extra` is appended to its `[[restart.target]]`.
-fn demo_agent(host: &str, url: &str, demo: SocketAddr, demo_args: &[&str], extra: &str) -> Agent {
+fn demo_agent(host: &str, link: &Link, demo: SocketAddr, demo_args: &[&str], extra: &str) -> Agent {
     let agent_bin = binary("interlock-agent");
-    let (host, url, extra) = (host.to_owned(), url.to_owned(), extra.to_owned());
+    let (host, url, tls, extra) = (
+        host.to_owned(),
+        link.url.clone(),
+        link.tls.clone(),
+        extra.to_owned(),
+    );
     let demo_args: String = demo_args.iter().map(|a| format!(", \"{a}\"")).collect();
     Agent::start(move |dir, metrics| {
         format!(
@@ -139,7 +147,7 @@ health_window = "20s"
 grace = "2s"
 cooldown = "1s"
 {extra}
-"#,
+{tls}"#,
             dir = dir.display(),
             bin = agent_bin.display(),
         )
@@ -173,11 +181,11 @@ fn crash_into_a_long_restart(agent: &Agent, demo: SocketAddr, steps: usize) -> s
 /// the mount is more than half full, keeping the `keep_newest` newest.
 fn cleanup_config(
     host: &str,
-    url: &str,
+    link: Link,
     mount: &Path,
     keep_newest: u32,
 ) -> impl FnOnce(&Path, SocketAddr) -> String {
-    let (host, url, mount) = (host.to_owned(), url.to_owned(), mount.to_owned());
+    let (host, url, tls, mount) = (host.to_owned(), link.url, link.tls, mount.to_owned());
     move |dir, metrics| {
         format!(
             r#"
@@ -207,7 +215,7 @@ path = "{m}/logs"
 patterns = ["*.log.[0-9]"]
 min_age = "1h"
 keep_newest = {keep_newest}
-"#,
+{tls}"#,
             m = mount.display(),
             dir = dir.display(),
         )
@@ -222,7 +230,7 @@ fn wait_until(what: &str, within: Duration, agent: &Agent, ok: impl Fn() -> bool
 fn a_full_filesystem_is_cleaned_back_above_target_under_one_token() {
     require_root("the disk cleanup action test (tmpfs mount)");
     let f = fleet("action-cleanup", &policy("autonomous", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let mount = Tmpfs::mount("16m");
     let root = mount.path().join("logs");
     // 12 MiB of old rotated logs under the root; one outside it that matches the pattern too.
@@ -233,7 +241,12 @@ fn a_full_filesystem_is_cleaned_back_above_target_under_one_token() {
         before < 0.5,
         "the mount must start above the threshold: free {before}"
     );
-    let agent = Agent::start(cleanup_config("clean-1", &url, mount.path(), 2));
+    let agent = Agent::start(cleanup_config(
+        "clean-1",
+        c.link("clean-1"),
+        mount.path(),
+        2,
+    ));
     let journal_path = agent.dir().join("actions.journal");
     agent.wait_for("a successful cleanup", Duration::from_secs(30), |a| {
         a.metric("interlock_agent_actions_total{class=\"disk_cleanup\",stage=\"success\"}") >= 1.0
@@ -245,7 +258,7 @@ fn a_full_filesystem_is_cleaned_back_above_target_under_one_token() {
     assert!(left.len() < logs.len(), "nothing was deleted");
     assert!(outside[0].exists(), "a file outside the root was touched");
 
-    let audit = audit(&url);
+    let audit = audit(c);
     let grants = records(&audit, "grant", "disk_cleanup");
     let outcomes = records(&audit, "outcome", "disk_cleanup");
     assert_eq!(grants.len(), 1, "{audit:#?}");
@@ -268,9 +281,15 @@ fn a_full_filesystem_is_cleaned_back_above_target_under_one_token() {
 fn a_crashed_process_is_restarted_and_healthy_with_its_latency_measured() {
     require_root("the restart action test (eBPF exit probe)");
     let f = fleet("action-restart", &policy("autonomous", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
-    let agent = demo_agent("restart-1", &url, demo, &["--ready-after", "200ms"], "");
+    let agent = demo_agent(
+        "restart-1",
+        &c.link("restart-1"),
+        demo,
+        &["--ready-after", "200ms"],
+        "",
+    );
     let starts = agent.dir().join("starts");
     wait_until(
         "the demo service healthy",
@@ -298,9 +317,9 @@ fn a_crashed_process_is_restarted_and_healthy_with_its_latency_measured() {
     assert_ne!(second.0, first[0].0, "the same pid cannot be a restart");
 
     agent.wait_for("the outcome in the audit", Duration::from_secs(10), |_| {
-        !records(&audit(&url), "outcome", "process_restart").is_empty()
+        !records(&audit(c), "outcome", "process_restart").is_empty()
     });
-    let audit = audit(&url);
+    let audit = audit(c);
     let grants = records(&audit, "grant", "process_restart");
     let outcomes = records(&audit, "outcome", "process_restart");
     assert_eq!(grants.len(), 1, "{audit:#?}");
@@ -323,11 +342,11 @@ fn a_crashed_process_is_restarted_and_healthy_with_its_latency_measured() {
 fn an_agent_killed_mid_action_reports_it_interrupted_and_never_resumes_its_token() {
     require_root("the failpoint test (tmpfs mount)");
     let f = fleet("action-failpoint", &policy("autonomous", "10s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let mount = Tmpfs::mount("16m");
     let root = mount.path().join("logs");
     old_logs(&root, "app-", 12, 1 << 20);
-    let config = cleanup_config("failpoint-1", &url, mount.path(), 0);
+    let config = cleanup_config("failpoint-1", c.link("failpoint-1"), mount.path(), 0);
     let mut agent =
         Agent::start_with_env(config, &[("INTERLOCK_AGENT_FAILPOINT", "kill_at_step=3")]);
     let status = agent
@@ -360,12 +379,12 @@ fn an_agent_killed_mid_action_reports_it_interrupted_and_never_resumes_its_token
         "the interrupted outcome reported",
         Duration::from_secs(30),
         |_| {
-            records(&audit(&url), "outcome", "disk_cleanup")
+            records(&audit(c), "outcome", "disk_cleanup")
                 .iter()
                 .any(|o| o["token"].as_u64() == Some(token))
         },
     );
-    let audit = audit(&url);
+    let audit = audit(c);
     let outcome = records(&audit, "outcome", "disk_cleanup")
         .into_iter()
         .find(|o| o["token"].as_u64() == Some(token))
@@ -401,10 +420,16 @@ fn an_agent_killed_mid_action_reports_it_interrupted_and_never_resumes_its_token
 fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
     require_root("the SIGSTOP test (eBPF exit probe)");
     let f = fleet("action-sigstop", &policy("autonomous", "2s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
     // Never healthy within the window: the agent keeps polling health (one step per poll).
-    let mut agent = demo_agent("sigstop-1", &url, demo, &["--ready-after", "60s"], "");
+    let mut agent = demo_agent(
+        "sigstop-1",
+        &c.link("sigstop-1"),
+        demo,
+        &["--ready-after", "60s"],
+        "",
+    );
     let journal_path = crash_into_a_long_restart(&agent, demo, 6);
     agent.signal("STOP");
     let token = entries(&journal_entries(&journal_path), "planned", 0)[0]["token"]
@@ -416,7 +441,7 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
         "the lease to expire at the coordinator",
         Duration::from_secs(15),
         |_| {
-            records(&audit(&url), "expired", "process_restart")
+            records(&audit(c), "expired", "process_restart")
                 .iter()
                 .any(|e| e["token"].as_u64() == Some(token))
         },
@@ -442,7 +467,7 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
         "the late outcome in the audit",
         Duration::from_secs(10),
         |_| {
-            records(&audit(&url), "outcome", "process_restart")
+            records(&audit(c), "outcome", "process_restart")
                 .iter()
                 .any(|o| o["token"].as_u64() == Some(token) && o["reason"] == "abandoned")
         },
@@ -457,15 +482,10 @@ fn an_agent_stopped_past_its_lease_ttl_takes_no_further_step() {
 #[test]
 fn without_a_coordinator_findings_continue_and_nothing_acts() {
     require_root("the no-coordinator test (eBPF exit probe)");
-    let closed = free_addr();
+    // Nobody serves there; the agent still speaks TLS with a certificate of its own.
+    let nowhere = Link::nowhere("alone-1");
     let demo = free_addr();
-    let agent = demo_agent(
-        "alone-1",
-        &format!("http://{closed}"),
-        demo,
-        &["--ready-after", "0s"],
-        "",
-    );
+    let agent = demo_agent("alone-1", &nowhere, demo, &["--ready-after", "0s"], "");
     agent.wait_for("the process probe", Duration::from_secs(20), |a| {
         a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
     });
@@ -568,9 +588,15 @@ tcp = "127.0.0.1:8080"
 fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
     require_root("the modes test (eBPF exit probe)");
     let f = fleet("action-modes", &policy("observe", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
-    let agent = demo_agent("modes-1", &url, demo, &["--ready-after", "0s"], "");
+    let agent = demo_agent(
+        "modes-1",
+        &c.link("modes-1"),
+        demo,
+        &["--ready-after", "0s"],
+        "",
+    );
     let starts = agent.dir().join("starts");
     agent.wait_for("the process probe", Duration::from_secs(20), |a| {
         a.metric("interlock_agent_probe_loaded{probe=\"process\"}") == 1.0
@@ -585,9 +611,9 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
     agent.wait_for(
         "the would-grant in the audit",
         Duration::from_secs(20),
-        |_| !records(&audit(&url), "would_grant", "process_restart").is_empty(),
+        |_| !records(&audit(c), "would_grant", "process_restart").is_empty(),
     );
-    let audit_now = audit(&url);
+    let audit_now = audit(c);
     let would = records(&audit_now, "would_grant", "process_restart")[0].to_string();
     assert!(
         would.contains("restart demo"),
@@ -599,14 +625,14 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
     assert!(agent.log().contains("would have done"), "{}", agent.log());
 
     // Assist: a pending request, nothing done until alice approves.
-    let out = interlock(&url, &["mode", "--class", "process_restart", "assist"]);
+    let out = interlock(c, &["mode", "--class", "process_restart", "assist"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     agent.wait_for("a pending approval", Duration::from_secs(20), |_| {
-        !records(&audit(&url), "pending", "process_restart").is_empty()
+        !records(&audit(c), "pending", "process_restart").is_empty()
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -614,13 +640,13 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
         1,
         "assist mode acted before approval"
     );
-    let out = interlock(&url, &["approvals"]);
+    let out = interlock(c, &["approvals"]);
     let approvals: serde_json::Value = serde_json::from_slice(&out.stdout).expect("approvals JSON");
     let id = approvals["approvals"][0]["approval_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no pending approval: {approvals}"))
         .to_owned();
-    let out = interlock(&url, &["approve", &id]);
+    let out = interlock(c, &["approve", &id]);
     assert!(
         out.status.success(),
         "{}",
@@ -632,7 +658,7 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
         &agent,
         || demo_starts(&starts).len() == 2 && demo_healthy(demo),
     );
-    let audit = audit(&url);
+    let audit = audit(c);
     let grant = records(&audit, "grant", "process_restart")[0].clone();
     assert!(
         grant.to_string().contains("alice"),
@@ -640,7 +666,7 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
     );
     let token = grant["token"].as_u64();
     agent.wait_for("the outcome", Duration::from_secs(10), |_| {
-        records(&self::audit(&url), "outcome", "process_restart")
+        records(&self::audit(c), "outcome", "process_restart")
             .iter()
             .any(|o| o["token"].as_u64() == token && o["reason"] == "success")
     });
@@ -650,9 +676,15 @@ fn observe_records_what_it_would_do_and_assist_acts_only_after_approval() {
 fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
     require_root("the SIGTERM test (eBPF exit probe)");
     let f = fleet("action-sigterm", &policy("autonomous", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
-    let mut agent = demo_agent("sigterm-1", &url, demo, &["--ready-after", "60s"], "");
+    let mut agent = demo_agent(
+        "sigterm-1",
+        &c.link("sigterm-1"),
+        demo,
+        &["--ready-after", "60s"],
+        "",
+    );
     let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let sent = Instant::now();
     let status = agent.terminate(Duration::from_secs(15));
@@ -663,7 +695,7 @@ fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
         .as_u64()
         .expect("token");
     assert_eq!(entries(&journal, "done", token)[0]["outcome"], "abandoned");
-    let audit = audit(&url);
+    let audit = audit(c);
     let outcome = records(&audit, "outcome", "process_restart")
         .into_iter()
         .find(|o| o["token"].as_u64() == Some(token))
@@ -685,9 +717,15 @@ fn sigterm_mid_action_stops_between_steps_reports_releases_and_exits() {
 fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     require_root("the revoke test (eBPF exit probe)");
     let f = fleet("action-revoke", &policy("autonomous", "3s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
-    let agent = demo_agent("revoke-1", &url, demo, &["--ready-after", "60s"], "");
+    let agent = demo_agent(
+        "revoke-1",
+        &c.link("revoke-1"),
+        demo,
+        &["--ready-after", "60s"],
+        "",
+    );
     let journal_path = crash_into_a_long_restart(&agent, demo, 4);
     let planned = entries(&journal_entries(&journal_path), "planned", 0);
     let lease_id = planned[0]["lease_id"]
@@ -696,7 +734,7 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
         .to_owned();
     let token = planned[0]["token"].as_u64().expect("token");
     let out = interlock(
-        &url,
+        c,
         &["lease", "revoke", &lease_id, "--reason", "test: stop it"],
     );
     assert!(
@@ -715,11 +753,11 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
     assert!(agent.log().contains("lease lost"), "{}", agent.log());
     // The revoke is the audit's ending of this lease; the agent's outcome follows as late.
     agent.wait_for("the late outcome", Duration::from_secs(10), |_| {
-        records(&audit(&url), "outcome", "process_restart")
+        records(&audit(c), "outcome", "process_restart")
             .iter()
             .any(|o| o["token"].as_u64() == Some(token) && o["detail"]["late"] == true)
     });
-    assert_eq!(records(&audit(&url), "revoke", "process_restart").len(), 1);
+    assert_eq!(records(&audit(c), "revoke", "process_restart").len(), 1);
     println!("revoke mid-action: the agent stopped {stopped_in:?} after the revoke");
 }
 
@@ -727,13 +765,13 @@ fn a_lease_revoked_mid_action_stops_the_action_at_its_next_step() {
 fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted() {
     require_root("the early-crash test (eBPF exit probe)");
     let f = fleet("action-early-crash", &policy("autonomous", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
     // Exits right after every start: the first exit comes milliseconds after the agent starts
     // it, long before the exit probe is loaded (0.3-1 s), so only the agent's own poll sees it.
     let agent = demo_agent(
         "early-1",
-        &url,
+        &c.link("early-1"),
         demo,
         &["--crash-after", "0s"],
         "on = [\"crash\"]",
@@ -745,7 +783,7 @@ fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted
         |_| demo_starts(&starts).len() >= 2,
     );
     agent.wait_for("the restart audited", Duration::from_secs(10), |_| {
-        !records(&audit(&url), "grant", "process_restart").is_empty()
+        !records(&audit(c), "grant", "process_restart").is_empty()
     });
     // The path this test is about: the first exit was caught by the poll, not the probe.
     assert!(
@@ -761,9 +799,15 @@ fn a_supervised_process_that_dies_before_the_exit_probe_loads_is_still_restarted
 fn an_agent_killed_and_started_again_adopts_its_running_service_instead_of_doubling_it() {
     require_root("the adoption test (eBPF exit probe)");
     let f = fleet("action-adopt", &policy("autonomous", "5s"));
-    let url = f.coordinator.url();
+    let c = &f.coordinator;
     let demo = free_addr();
-    let mut agent = demo_agent("adopt-1", &url, demo, &["--ready-after", "0s"], "");
+    let mut agent = demo_agent(
+        "adopt-1",
+        &c.link("adopt-1"),
+        demo,
+        &["--ready-after", "0s"],
+        "",
+    );
     let starts = agent.dir().join("starts");
     wait_until(
         "the demo service healthy",
@@ -797,7 +841,7 @@ fn an_agent_killed_and_started_again_adopts_its_running_service_instead_of_doubl
         demo_starts(&starts).len() == 2 && demo_healthy(demo)
     });
     agent.wait_for("the outcome", Duration::from_secs(10), |_| {
-        records(&audit(&url), "outcome", "process_restart")
+        records(&audit(c), "outcome", "process_restart")
             .iter()
             .any(|o| o["reason"] == "success")
     });

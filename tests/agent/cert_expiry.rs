@@ -20,7 +20,7 @@ use interlock_proto::v1 as pb;
 use interlock_tests::agent::{Agent, unix_ms};
 use interlock_tests::client::{operator, tls_channel};
 use interlock_tests::coordinator::certs_cli;
-use interlock_tests::{BASIC_POLICY, Coordinator, CoordinatorOptions, fresh_prefix};
+use interlock_tests::{BASIC_POLICY, CertDir, Coordinator, CoordinatorOptions, fresh_prefix};
 
 const HOST: &str = "cert-host-1";
 const VIEWER: &str = "cert-viewer";
@@ -163,15 +163,15 @@ fn a_certificate_near_expiry_is_a_finding_that_clears_when_the_file_is_replaced(
     );
 
     let policy = format!("{BASIC_POLICY}\n[access.operators]\n{VIEWER} = \"viewer\"\n");
-    let mut options = CoordinatorOptions::etcd(String::new(), fresh_prefix("cert-expiry"), &policy);
-    // The embedded store: findings live in the leader's memory either way.
-    options.etcd = None;
-    options.tls = Some(ca_dir.clone());
+    // The embedded store: findings live in the leader's memory either way. The CA is the one
+    // this test made through the CLI, and the policy grants the viewer itself.
+    let mut options = CoordinatorOptions::embedded(fresh_prefix("cert-expiry"), &policy);
+    options.tls = Some(CertDir::existing(&ca_dir));
     let coordinator = Coordinator::start(&options).expect("start coordinator");
     coordinator
         .wait_leader(Duration::from_secs(20))
         .expect("leads");
-    let url = coordinator.tls_url();
+    let url = coordinator.url();
     let viewer = TlsFiles {
         ca: ca_dir.join("ca.pem"),
         cert: ca_dir.join(format!("operators/{VIEWER}.pem")),

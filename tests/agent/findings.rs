@@ -16,7 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use interlock_proto::v1 as pb;
-use interlock_tests::client::{as_operator, channel, operator};
+use interlock_tests::ADMIN;
+use interlock_tests::client::operator;
 use interlock_tests::coordinator::{binary, http_get};
 use interlock_tests::{
     BASIC_POLICY, Coordinator, CoordinatorOptions, Etcd, fresh_prefix, require_root,
@@ -197,16 +198,19 @@ struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent reporting to `coordinator`; `extra` is appended to its config.
-    fn start(host: &str, coordinator: &str, extra: &str) -> Self {
+    /// Starts an agent reporting to the stack's coordinator (over mutual TLS, with its host
+    /// certificate); `extra` is appended to its config.
+    fn start(host: &str, stack: &Stack, extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("interlock-agent-")
             .tempdir()
             .expect("temp dir");
         let metrics = free_addr();
+        let link = stack.coordinator.link(host);
         let config = format!(
-            "host_id = \"{host}\"\ncoordinator = \"{coordinator}\"\n[labels]\nservice = \"web\"\n\
-             [metrics]\nlisten = \"{metrics}\"\n{extra}"
+            "host_id = \"{host}\"\ncoordinator = \"{}\"\n[labels]\nservice = \"web\"\n\
+             [metrics]\nlisten = \"{metrics}\"\n{extra}{}",
+            link.url, link.tls
         );
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, &config).expect("write agent.toml");
@@ -328,23 +332,15 @@ impl Stack {
         }
     }
 
-    fn url(&self) -> String {
-        self.coordinator.url()
-    }
-
     /// Operator `Findings` for one host.
     fn findings(&self, host: &str) -> Vec<Seen> {
-        let url = self.url();
         let reply = self.rt.block_on(async {
-            let channel = channel(&url).await;
-            let mut op = operator(&channel);
-            op.findings(as_operator(
-                "test",
-                pb::FindingsRequest {
+            let channel = self.coordinator.operator_channel(ADMIN).await;
+            operator(&channel)
+                .findings(pb::FindingsRequest {
                     host: host.to_owned(),
-                },
-            ))
-            .await
+                })
+                .await
         });
         let Ok(reply) = reply else {
             return Vec::new();
@@ -408,7 +404,7 @@ fn evidence(f: &Seen, key: &str) -> f64 {
 fn an_oom_kill_becomes_a_finding_naming_the_victim() {
     require_root("the agent's process probe and a memory cgroup");
     let stack = Stack::start("findings-oom");
-    let agent = Agent::start("findings-oom", &stack.url(), "");
+    let agent = Agent::start("findings-oom", &stack, "");
     let cgroup = CgroupDir::create(v1_memory_root().join(unique("interlock-findings-oom-")));
     cgroup.write("memory.limit_in_bytes", &(32 * MIB).to_string());
     // The shell moves itself into the cgroup, then becomes a program named after this test
@@ -448,7 +444,7 @@ fn a_crash_loop_is_found_and_a_single_crash_is_not() {
     let once = NamedProgram::new(&unique("il1x"), "/bin/sh");
     let agent = Agent::start(
         "findings-crash",
-        &stack.url(),
+        &stack,
         &format!(
             r#"
 [[watch.process]]
@@ -552,7 +548,7 @@ fn disk_full_and_forecast_findings_and_a_batch_job_is_not_one() {
     let batch = Tmpfs::mount("16m");
     let agent = Agent::start(
         "findings-disk",
-        &stack.url(),
+        &stack,
         &format!(
             r#"
 [watch]
@@ -704,7 +700,7 @@ fn a_memory_leak_is_found_and_steady_and_sawtooth_processes_are_not() {
     let saw = NamedProgram::new(&unique("ilsaw"), python());
     let agent = Agent::start(
         "findings-leak",
-        &stack.url(),
+        &stack,
         &format!(
             r#"
 [[watch.process]]
@@ -821,7 +817,7 @@ fn memory_pressure_in_a_watched_cgroup_is_a_finding() {
     };
     let agent = Agent::start(
         "findings-psi",
-        &stack.url(),
+        &stack,
         &format!(
             r#"
 [[watch.cgroup]]
@@ -876,10 +872,9 @@ trigger_window = "2s"
 impl Stack {
     /// Operator `Graph`: every edge the coordinator holds.
     fn graph(&self) -> Vec<pb::GraphEdge> {
-        let url = self.url();
         self.rt
             .block_on(async {
-                let channel = channel(&url).await;
+                let channel = self.coordinator.operator_channel(ADMIN).await;
                 operator(&channel).graph(pb::GraphRequest {}).await
             })
             .map(|r| r.into_inner().edges)
@@ -894,7 +889,7 @@ fn a_real_agents_flow_edges_show_in_interlock_graph() {
     require_root("the agent loads eBPF programs");
     let stack = Stack::start("graph-e2e");
     let host = unique("graph");
-    let agent = Agent::start(&host, &stack.url(), "");
+    let agent = Agent::start(&host, &stack, "");
     agent.wait_for("tcp probe", Duration::from_secs(20), |a| {
         a.metric("interlock_agent_probe_loaded{probe=\"tcp\"}") == 1.0
     });
@@ -931,8 +926,10 @@ fn a_real_agents_flow_edges_show_in_interlock_graph() {
     assert_eq!(edge.from_service, "web", "the host's service label");
     assert!(edge.connects_per_s > 0.0, "{edge:?}");
     assert!(!edge.process.is_empty(), "{edge:?}");
-    let out = Command::new(binary("interlock"))
-        .args(["--coordinator", &stack.url(), "-o", "dot", "graph"])
+    let out = stack
+        .coordinator
+        .cli(ADMIN)
+        .args(["-o", "dot", "graph"])
         .output()
         .expect("run interlock graph");
     let dot = String::from_utf8_lossy(&out.stdout);

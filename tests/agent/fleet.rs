@@ -13,11 +13,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use interlock_tests::agent::{
-    Agent, crash_demo, demo_healthy, demo_starts, free_addr, journal_entries, unix_ms,
+    Agent, Link, crash_demo, demo_healthy, demo_starts, free_addr, journal_entries, unix_ms,
 };
 use interlock_tests::client::{HeldInterval, max_overlap, token_order_violations};
 use interlock_tests::coordinator::binary;
@@ -63,7 +63,7 @@ struct FleetHost {
 impl FleetHost {
     /// Starts an agent (JSON logs, so the test can read fields) whose one restart target is a
     /// demo service on a port of its own, started with `demo_args` added.
-    fn start(host: &str, coordinator: &str, demo_args: &[&str]) -> Self {
+    fn start(host: &str, link: &Link, demo_args: &[&str]) -> Self {
         let demo = free_addr();
         let exe = binary("interlock-agent");
         let agent = Agent::start(|dir, metrics| {
@@ -84,7 +84,7 @@ impl FleetHost {
             format!(
                 r#"
 host_id = "{host}"
-coordinator = "{coordinator}"
+coordinator = "{url}"
 log_format = "json"
 [labels]
 service = "demo"
@@ -103,7 +103,9 @@ http = "http://{demo}/healthz"
 health_window = "10s"
 grace = "2s"
 cooldown = "1s"
-"#,
+{tls}"#,
+                url = link.url,
+                tls = link.tls,
                 journal = dir.join("actions.journal").display(),
             )
         });
@@ -174,20 +176,20 @@ cooldown = "1s"
     }
 }
 
-/// Runs the operator CLI against `url` as `operator`.
-fn interlock(url: &str, operator: &str, args: &[&str]) -> Output {
-    Command::new(binary("interlock"))
-        .args(["--coordinator", url, "--operator", operator])
+/// Runs the operator CLI against `coordinator` as `operator` (that operator's certificate).
+fn interlock(coordinator: &Coordinator, operator: &str, args: &[&str]) -> Output {
+    coordinator
+        .cli(operator)
         .args(args)
         .output()
         .expect("run interlock")
 }
 
 /// `interlock -o json ARGS` parsed; panics (with stderr) unless it succeeded.
-fn interlock_json(url: &str, args: &[&str]) -> Value {
+fn interlock_json(coordinator: &Coordinator, args: &[&str]) -> Value {
     let mut all = vec!["-o", "json"];
     all.extend_from_slice(args);
-    let out = interlock(url, "fleet-test", &all);
+    let out = interlock(coordinator, "fleet-test", &all);
     assert!(
         out.status.success(),
         "interlock {args:?} exited {}: {}",
@@ -203,8 +205,8 @@ fn interlock_json(url: &str, args: &[&str]) -> Value {
 }
 
 /// The whole audit log of the class, after checking its hash chain.
-fn audit(url: &str) -> Vec<Value> {
-    let reply = interlock_json(url, &["audit", "--class", CLASS]);
+fn audit(coordinator: &Coordinator) -> Vec<Value> {
+    let reply = interlock_json(coordinator, &["audit", "--class", CLASS]);
     assert_eq!(
         reply["chain_ok"], true,
         "audit chain broken: {}",
@@ -311,14 +313,18 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
         etcd.endpoint(),
         fresh_prefix("fleet-cap"),
         &restart_policy(1, 1000, 100, None),
-    );
+    )
+    .grant("fleet-test", "viewer");
     let coordinator = Coordinator::start(&options).expect("start coordinator");
     coordinator
         .wait_leader(Duration::from_secs(20))
         .expect("leader");
-    let url = coordinator.url();
+    let c = &coordinator;
     let hosts: Vec<FleetHost> = (1..=5)
-        .map(|i| FleetHost::start(&format!("fleet-{i}"), &url, &["--ready-after", "800ms"]))
+        .map(|i| {
+            let host = format!("fleet-{i}");
+            FleetHost::start(&host, &c.link(&host), &["--ready-after", "800ms"])
+        })
         .collect();
     let context = || {
         let mut text = hosts
@@ -338,7 +344,7 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
         Duration::from_secs(30),
         || {
             hosts.iter().all(|h| demo_healthy(h.demo))
-                && interlock_json(&url, &["hosts"])["hosts"]
+                && interlock_json(c, &["hosts"])["hosts"]
                     .as_array()
                     .is_some_and(|a| a.len() == 5)
         },
@@ -369,7 +375,7 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
                 h.starts().len() >= 2
                     && demo_healthy(h.demo)
                     && h.journal().iter().any(|e| e["entry"] == "done")
-            }) && of_kind(&audit(&url), "outcome").count() >= 5
+            }) && of_kind(&audit(c), "outcome").count() >= 5
         },
         context,
     );
@@ -377,7 +383,7 @@ fn five_agents_repair_one_host_at_a_time_under_cap_1() {
     // A repaired host is not repaired again: nothing more happens for a while.
     std::thread::sleep(Duration::from_secs(3));
 
-    let records = audit(&url);
+    let records = audit(c);
     let grants: Vec<&Value> = of_kind(&records, "grant").collect();
     let mut repairs = Vec::new();
     for (client, h) in hosts.iter().enumerate() {
@@ -562,17 +568,19 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
         etcd.endpoint(),
         fresh_prefix("fleet-budget"),
         &restart_policy(1, 3, 100, Some(&webhook_url)),
-    );
+    )
+    .grant("fleet-test", "viewer")
+    .grant("carol", "operator");
     let coordinator = Coordinator::start(&options).expect("start coordinator");
     coordinator
         .wait_leader(Duration::from_secs(20))
         .expect("leader");
-    let url = coordinator.url();
+    let c = &coordinator;
     // Ready 100 ms after each start (so a restart verifies), dead FLAP_MS after it.
     let flap = format!("{FLAP_MS}ms");
     let h = FleetHost::start(
         "flap-1",
-        &url,
+        &c.link("flap-1"),
         &["--ready-after", "100ms", "--crash-after", &flap],
     );
     // The agent starts the service before it loads its exit probe and misses an exit that
@@ -605,11 +613,11 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
     wait_until(
         "freeze of process_restart",
         Duration::from_secs(60),
-        || of_kind(&audit(&url), "freeze").next().is_some(),
+        || of_kind(&audit(c), "freeze").next().is_some(),
         context,
     );
     let frozen_at = unix_ms();
-    let records = audit(&url);
+    let records = audit(c);
     let grants = of_kind(&records, "grant").count();
     assert_eq!(grants, 3, "exactly the budget's 3 grants\n{}", context());
     let freeze = of_kind(&records, "freeze").next().expect("freeze record");
@@ -628,7 +636,7 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
         of_kind(&records, "alert").next().is_some(),
         "no alert record: {records:#?}"
     );
-    let status = interlock_json(&url, &["status"]);
+    let status = interlock_json(c, &["status"]);
     let class = status["classes"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["class"] == CLASS))
@@ -663,7 +671,7 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(h.starts(), starts, "restarted while frozen\n{}", context());
     assert!(!demo_healthy(h.demo), "the demo service runs while frozen");
-    let records = audit(&url);
+    let records = audit(c);
     assert_eq!(
         of_kind(&records, "grant").count(),
         3,
@@ -681,7 +689,7 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
 
     // An operator unfreezes: a fresh window, and the agent restarts the service again.
     let out = interlock(
-        &url,
+        c,
         "carol",
         &[
             "unfreeze",
@@ -700,10 +708,10 @@ fn a_flapping_process_exhausts_the_budget_freezes_and_stays_down_until_unfreeze(
     wait_until(
         "a grant and a start after the unfreeze",
         Duration::from_secs(30),
-        || h.starts().len() > starts.len() && of_kind(&audit(&url), "grant").count() > 3,
+        || h.starts().len() > starts.len() && of_kind(&audit(c), "grant").count() > 3,
         context,
     );
-    let records = audit(&url);
+    let records = audit(c);
     let unfreeze = of_kind(&records, "unfreeze")
         .next()
         .unwrap_or_else(|| panic!("no unfreeze record: {records:#?}"));

@@ -10,19 +10,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use interlock_tests::agent::{Agent, Tmpfs, free_addr};
+use interlock_tests::agent::{Agent, Link, Tmpfs};
 use interlock_tests::coordinator::binary;
 use interlock_tests::{
-    BASIC_POLICY, Coordinator, CoordinatorOptions, Etcd, fresh_prefix, require_root,
+    ADMIN, BASIC_POLICY, Coordinator, CoordinatorOptions, Etcd, fresh_prefix, require_root,
 };
 
-/// An agent watching `mount` with a low disk threshold.
-fn start_agent(host_id: &str, coordinator: &str, mount: &Path) -> Agent {
+/// An agent watching `mount` with a low disk threshold, reaching its coordinator by `link`.
+fn start_agent(host_id: &str, link: &Link, mount: &Path) -> Agent {
     Agent::start(|_, metrics| {
         format!(
             r#"
 host_id = "{host_id}"
-coordinator = "{coordinator}"
+coordinator = "{url}"
 [labels]
 service = "web"
 zone = "z1"
@@ -35,7 +35,9 @@ high = 0.5
 low = 0.4
 for = "0s"
 cooldown = "1m"
-"#,
+{tls}"#,
+            url = link.url,
+            tls = link.tls,
             mount = mount.display()
         )
     })
@@ -101,24 +103,17 @@ cooldown = "soon"
 }
 
 /// `interlock hosts -o json` as the operator sees it.
-fn hosts(url: &str) -> serde_json::Value {
-    let out = Command::new(binary("interlock"))
-        .args([
-            "--coordinator",
-            url,
-            "--operator",
-            "test",
-            "-o",
-            "json",
-            "hosts",
-        ])
+fn hosts(coordinator: &Coordinator) -> serde_json::Value {
+    let out = coordinator
+        .cli(ADMIN)
+        .args(["-o", "json", "hosts"])
         .output()
         .expect("run interlock hosts");
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
-fn host_labels(url: &str, host: &str) -> Option<serde_json::Value> {
-    hosts(url)["hosts"]
+fn host_labels(coordinator: &Coordinator, host: &str) -> Option<serde_json::Value> {
+    hosts(coordinator)["hosts"]
         .as_array()?
         .iter()
         .find(|h| h["host_id"] == host)
@@ -136,14 +131,14 @@ fn agent_registers_heartbeats_and_reports_a_disk_finding() {
     coordinator
         .wait_leader(Duration::from_secs(20))
         .expect("leader");
-    let url = coordinator.url();
+    let link = coordinator.link("agent-rt-1");
     let mount = Tmpfs::mount("8m");
-    let mut agent = start_agent("agent-rt-1", &url, mount.path());
+    let mut agent = start_agent("agent-rt-1", &link, mount.path());
 
     agent.wait_for("registration", Duration::from_secs(20), |_| {
-        host_labels(&url, "agent-rt-1").is_some()
+        host_labels(&coordinator, "agent-rt-1").is_some()
     });
-    let labels = host_labels(&url, "agent-rt-1").expect("registered");
+    let labels = host_labels(&coordinator, "agent-rt-1").expect("registered");
     assert_eq!(labels["service"], "web");
     assert_eq!(labels["zone"], "z1");
     assert_eq!(agent.metric("interlock_agent_observing_only "), 0.0);
@@ -151,7 +146,7 @@ fn agent_registers_heartbeats_and_reports_a_disk_finding() {
     // Past the 3 s host TTL the registration is still there: heartbeats keep it alive.
     std::thread::sleep(Duration::from_secs(5));
     assert!(
-        host_labels(&url, "agent-rt-1").is_some(),
+        host_labels(&coordinator, "agent-rt-1").is_some(),
         "the host expired despite heartbeats; agent log:\n{}",
         agent.log()
     );
@@ -185,11 +180,11 @@ fn agent_registers_heartbeats_and_reports_a_disk_finding() {
 #[test]
 fn without_a_coordinator_the_agent_observes_only() {
     require_root("the agent runtime test (tmpfs mount)");
-    // A port nobody listens on.
-    let closed = free_addr();
+    // A port nobody listens on (over TLS, with a certificate, as every agent here).
+    let nowhere = Link::nowhere("agent-rt-2");
     let mount = Tmpfs::mount("8m");
     mount.fill(6 << 20);
-    let mut agent = start_agent("agent-rt-2", &format!("http://{closed}"), mount.path());
+    let mut agent = start_agent("agent-rt-2", &nowhere, mount.path());
     agent.wait_for("observing-only state", Duration::from_secs(15), |a| {
         a.metric("interlock_agent_observing_only ") == 1.0 && a.log().contains("observing only")
     });

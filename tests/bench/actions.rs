@@ -883,17 +883,9 @@ fn interlock_session(
     let demo = Demo::new(dir.path())?;
     let metrics = free_addr();
     let path = dir.path().join("agent.toml");
-    std::fs::write(
-        &path,
-        agent_config(
-            &coordinator.url(),
-            session,
-            dir.path(),
-            &demo,
-            agent,
-            metrics,
-        )?,
-    )?;
+    let link = coordinator.link(&format!("bench-actions-{session}"));
+    let config = agent_config(&link.url, session, dir.path(), &demo, agent, metrics)? + &link.tls;
+    std::fs::write(&path, config)?;
     let log_path = dir.path().join("agent.log");
     let log = File::create(&log_path)?;
     // Declared before the agent, so it drops after the agent has stopped.
@@ -1043,17 +1035,11 @@ fn main() -> anyhow::Result<()> {
     }
     let coordinator = match interlock {
         Ok(()) => {
-            let c = Coordinator::start(&CoordinatorOptions {
-                etcd: None,
-                prefix: "/interlock-bench/actions".into(),
-                policy: POLICY.into(),
-                host_ttl: "10s",
-                election_ttl: "5s",
-                audit_retention: None,
-                env: Vec::new(),
-                tls: None,
-                args: Vec::new(),
-            })?;
+            // Mutual TLS, as deployed: the agent's lease calls go over its host certificate.
+            let c = Coordinator::start(&CoordinatorOptions::embedded(
+                "/interlock-bench/actions".into(),
+                POLICY,
+            ))?;
             c.wait_leader(Duration::from_secs(20))?;
             Ok(c)
         }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use interlock_proto::v1 as pb;
-use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
+use interlock_tests::{ADMIN, Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
 
 use super::policy;
 
@@ -16,13 +16,14 @@ async fn exhausting_the_fleet_budget_freezes_alerts_and_holds_until_unfreeze() {
         "alert_webhook = \"{url}\"\n{}",
         policy("10", "autonomous", 3, 100, "5s")
     );
-    let options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("budget"), &text);
+    let options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("budget"), &text)
+        .grant("carol", "operator");
     let coordinator = Coordinator::start(&options).expect("coordinator");
     coordinator.wait_leader(Duration::from_secs(10)).unwrap();
-    let channel = client::channel(&coordinator.url()).await;
-    super::register_hosts(&channel, "b", "web", 1).await;
-    let mut agent = client::agent(&channel);
-    let mut operator = client::operator(&channel);
+    super::register_hosts(&coordinator, "b", "web", 1).await;
+    let mut agent = super::agent_for(&coordinator, "b00").await;
+    let mut operator = client::operator(&coordinator.operator_channel(ADMIN).await);
+    let mut carol = client::operator(&coordinator.operator_channel("carol").await);
 
     // Three grants use the fleet budget of 3 per hour.
     for i in 0..3 {
@@ -83,15 +84,12 @@ async fn exhausting_the_fleet_budget_freezes_alerts_and_holds_until_unfreeze() {
     assert_eq!(class.freezes[0].cause, "fleet_budget");
 
     // An operator unfreezes: a fresh window, grants resume, and the audit names who.
-    operator
-        .unfreeze(client::as_operator(
-            "carol",
-            pb::UnfreezeRequest {
-                class: "disk_cleanup".into(),
-                host: String::new(),
-                reason: "root cause fixed".into(),
-            },
-        ))
+    carol
+        .unfreeze(pb::UnfreezeRequest {
+            class: "disk_cleanup".into(),
+            host: String::new(),
+            reason: "root cause fixed".into(),
+        })
         .await
         .expect("unfreeze");
     let got = client::acquire(&mut agent, "b00", "disk_cleanup", "/t5").await;

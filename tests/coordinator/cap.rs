@@ -8,7 +8,7 @@ use std::{
 use interlock_proto::v1 as pb;
 use interlock_tests::client::{self, Got, HeldInterval, max_overlap, token_order_violations};
 
-use super::{fixture, policy, register_hosts};
+use super::{agent_for, fixture, policy, register_hosts};
 
 /// A small deterministic generator for hold and back-off times (xorshift); the point is
 /// variety, not quality.
@@ -27,11 +27,11 @@ async fn sixty_four_acquirers_never_see_more_than_three_holders() {
         "60s",
     )
     .await;
-    let hosts = register_hosts(&f.channel, "h", "web", 64).await;
+    let hosts = register_hosts(&f.coordinator, "h", "web", 64).await;
     let deadline = Instant::now() + Duration::from_secs(6);
     let mut tasks = Vec::new();
     for (i, host) in hosts.into_iter().enumerate() {
-        let mut agent = client::agent(&f.channel);
+        let mut agent = agent_for(&f.coordinator, &host).await;
         tasks.push(tokio::spawn(async move {
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1);
             let mut held = Vec::new();
@@ -116,16 +116,23 @@ async fn a_percent_cap_shrinks_as_hosts_die() {
         "2s",
     )
     .await;
-    let hosts = register_hosts(&f.channel, "p", "web", 20).await;
+    let hosts = register_hosts(&f.coordinator, "p", "web", 20).await;
+    // Each host's own client: a host heartbeats and acquires only for itself.
+    let mut agents = Vec::with_capacity(hosts.len());
+    for h in &hosts {
+        agents.push(agent_for(&f.coordinator, h).await);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(Vec::<String>::new());
     let beating = {
-        let channel = f.channel.clone();
         let hosts = hosts.clone();
+        let mut agents = agents.clone();
         tokio::spawn(async move {
-            let mut agent = client::agent(&channel);
             for _ in 0..200 {
                 let dead = stop_rx.borrow().clone();
-                for h in hosts.iter().filter(|h| !dead.contains(h)) {
+                for (h, agent) in hosts.iter().zip(agents.iter_mut()) {
+                    if dead.contains(h) {
+                        continue;
+                    }
                     let _ = agent
                         .heartbeat(pb::HeartbeatRequest { host_id: h.clone() })
                         .await;
@@ -134,11 +141,10 @@ async fn a_percent_cap_shrinks_as_hosts_die() {
             }
         })
     };
-    let mut agent = client::agent(&f.channel);
-    let mut operator = client::operator(&f.channel);
-    let a = client::acquire(&mut agent, &hosts[0], "disk_cleanup", "/a").await;
-    let b = client::acquire(&mut agent, &hosts[1], "disk_cleanup", "/b").await;
-    let c = client::acquire(&mut agent, &hosts[2], "disk_cleanup", "/c").await;
+    let mut operator = client::operator(&f.admin);
+    let a = client::acquire(&mut agents[0], &hosts[0], "disk_cleanup", "/a").await;
+    let b = client::acquire(&mut agents[1], &hosts[1], "disk_cleanup", "/b").await;
+    let c = client::acquire(&mut agents[2], &hosts[2], "disk_cleanup", "/c").await;
     assert!(matches!(a, Got::Granted { .. }), "{a:?}");
     assert!(matches!(b, Got::Granted { .. }), "{b:?}");
     match &c {
@@ -199,19 +205,19 @@ async fn a_percent_cap_shrinks_as_hosts_die() {
         unreachable!()
     };
     // Two holders, cap 1: nothing new until holders fall below the cap.
-    let d = client::acquire(&mut agent, &hosts[3], "disk_cleanup", "/d").await;
+    let d = client::acquire(&mut agents[3], &hosts[3], "disk_cleanup", "/d").await;
     assert!(
         matches!(&d, Got::Denied { check, .. } if check == "cap"),
         "{d:?}"
     );
-    client::release(&mut agent, &la, ta).await;
-    let e = client::acquire(&mut agent, &hosts[3], "disk_cleanup", "/d").await;
+    client::release(&mut agents[0], &la, ta).await;
+    let e = client::acquire(&mut agents[3], &hosts[3], "disk_cleanup", "/d").await;
     assert!(
         matches!(&e, Got::Denied { check, .. } if check == "cap"),
         "1 holder, cap 1: {e:?}"
     );
-    client::release(&mut agent, &lb, tb).await;
-    let g = client::acquire(&mut agent, &hosts[3], "disk_cleanup", "/d").await;
+    client::release(&mut agents[1], &lb, tb).await;
+    let g = client::acquire(&mut agents[3], &hosts[3], "disk_cleanup", "/d").await;
     assert!(
         matches!(g, Got::Granted { .. }),
         "below the cap again: {g:?}"

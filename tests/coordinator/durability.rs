@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use interlock_proto::v1 as pb;
-use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
+use interlock_tests::{ADMIN, Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
+
+use super::agent_for;
 
 use super::policy;
 
@@ -18,12 +20,11 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
     );
     let mut coordinator = Coordinator::start(&options).expect("coordinator");
     coordinator.wait_leader(Duration::from_secs(10)).unwrap();
-    let channel = client::channel(&coordinator.url()).await;
-    super::register_hosts(&channel, "d", "web", 5).await;
-    let mut agent = client::agent(&channel);
+    let hosts = super::register_hosts(&coordinator, "d", "web", 5).await;
     let mut acked = Vec::new();
-    for i in 0..5 {
-        let got = client::acquire(&mut agent, &format!("d{i:02}"), "disk_cleanup", "/v").await;
+    for host in &hosts {
+        let mut agent = agent_for(&coordinator, host).await;
+        let got = client::acquire(&mut agent, host, "disk_cleanup", "/v").await;
         let client::Got::Granted {
             lease_id, token, ..
         } = got
@@ -32,9 +33,13 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
         };
         acked.push((lease_id, token));
     }
-    let before = client::audit(&client::operator(&channel), None, None)
-        .await
-        .records;
+    let before = client::audit(
+        &client::operator(&coordinator.operator_channel(ADMIN).await),
+        None,
+        None,
+    )
+    .await
+    .records;
 
     coordinator.kill();
     let etcd_pid = etcd.pid();
@@ -44,10 +49,10 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
         "etcd really died"
     );
     etcd.restart().expect("etcd restarts on its data");
+    // The same options, so the same CA: the hosts' certificates are still trusted.
     let coordinator = Coordinator::start(&options).expect("coordinator restarts");
     coordinator.wait_leader(Duration::from_secs(15)).unwrap();
-    let channel = client::channel(&coordinator.url()).await;
-    let mut op = client::operator(&channel);
+    let mut op = client::operator(&coordinator.operator_channel(ADMIN).await);
 
     let leases = op
         .leases(pb::LeasesRequest {})
@@ -82,7 +87,7 @@ async fn acknowledged_leases_and_audit_survive_sigkill_of_coordinator_and_etcd()
             .any(|r| r.kind == "policy_load" && r.seq > 1)
             || after.records.len() >= before.len()
     );
-    let mut agent = client::agent(&channel);
+    let mut agent = agent_for(&coordinator, &hosts[0]).await;
     let (id, token) = &acked[0];
     client::release(&mut agent, id, *token).await;
     let last = client::audit(&op, None, None).await;
@@ -109,9 +114,8 @@ async fn audit_retention_keeps_the_newest_records_and_the_chain_verifies() {
     options.audit_retention = Some(100);
     let coordinator = Coordinator::start(&options).expect("coordinator");
     coordinator.wait_leader(Duration::from_secs(10)).unwrap();
-    let channel = client::channel(&coordinator.url()).await;
-    super::register_hosts(&channel, "r", "web", 1).await;
-    let mut agent = client::agent(&channel);
+    super::register_hosts(&coordinator, "r", "web", 1).await;
+    let mut agent = agent_for(&coordinator, "r00").await;
     // 250 grants and 250 outcomes: 501 records with the policy load.
     for i in 0..250 {
         let got = client::acquire(&mut agent, "r00", "disk_cleanup", &format!("/{i}")).await;
@@ -123,7 +127,8 @@ async fn audit_retention_keeps_the_newest_records_and_the_chain_verifies() {
         };
         client::release(&mut agent, &lease_id, token).await;
     }
-    let audit = client::audit(&client::operator(&channel), None, None).await;
+    let admin = coordinator.operator_channel(ADMIN).await;
+    let audit = client::audit(&client::operator(&admin), None, None).await;
     let first = audit.records.first().expect("records").seq;
     let last = audit.records.last().expect("records").seq;
     assert_eq!(last, 501, "every record was written");

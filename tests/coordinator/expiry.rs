@@ -8,15 +8,16 @@ use std::{
 };
 
 use interlock_proto::v1 as pb;
-use interlock_tests::{client, coordinator::binary};
+use interlock_tests::{Coordinator, client};
 
-use super::{fixture, policy, register_hosts};
+use super::{agent_for, fixture, policy, register_hosts};
 
-/// Starts `interlock lease acquire --hold` (a real process that renews its lease) and returns
-/// it once it printed its grant.
-fn holder(url: &str, host: &str) -> (Child, String) {
-    let mut child = Command::new(binary("interlock"))
-        .args(["--coordinator", url, "--operator", "tester", "-o", "json"])
+/// Starts `interlock lease acquire --hold` as `host` (a real process that renews its lease,
+/// presenting the host's certificate) and returns it once it printed its grant.
+fn holder(coordinator: &Coordinator, host: &str) -> (Child, String) {
+    let mut child = coordinator
+        .host_cli(host)
+        .args(["-o", "json"])
         .args([
             "lease",
             "acquire",
@@ -76,19 +77,19 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
         "60s",
     )
     .await;
-    register_hosts(&f.channel, "e", "web", 2).await;
+    register_hosts(&f.coordinator, "e", "web", 2).await;
 
     for (host, signal) in [("e00", "STOP"), ("e01", "KILL")] {
-        let (mut child, lease) = holder(&f.coordinator.url(), host);
+        let (mut child, lease) = holder(&f.coordinator, host);
         // Renewals keep it alive well past its TTL.
         tokio::time::sleep(ttl * 2).await;
         assert!(
-            lease_ids(&f.channel).await.contains(&lease),
+            lease_ids(&f.admin).await.contains(&lease),
             "renewed lease is live"
         );
         // `interlock leases` shows the time left on the renewed store lease, not the TTL
         // counted from the grant (which ran out a TTL ago).
-        let listed = client::operator(&f.channel)
+        let listed = client::operator(&f.admin)
             .leases(pb::LeasesRequest {})
             .await
             .expect("leases")
@@ -123,7 +124,7 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
             );
         }
         let freed = loop {
-            if !lease_ids(&f.channel).await.contains(&lease) {
+            if !lease_ids(&f.admin).await.contains(&lease) {
                 break stopped_at.elapsed();
             }
             assert!(
@@ -139,8 +140,8 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
         );
         println!("holder {signal}: slot freed {freed:?} after the fault");
         // The slot is really free: another host gets it.
-        let mut agent = client::agent(&f.channel);
         let other = if host == "e00" { "e01" } else { "e00" };
+        let mut agent = agent_for(&f.coordinator, other).await;
         let got = client::acquire(&mut agent, other, "disk_cleanup", "/tmp").await;
         let client::Got::Granted {
             lease_id, token, ..
@@ -156,7 +157,7 @@ async fn a_stopped_or_killed_holder_frees_its_slot_within_ttl_plus_one_second() 
         let _ = child.wait();
     }
     // The audit log says the leases ran out.
-    let audit = client::audit(&client::operator(&f.channel), None, None).await;
+    let audit = client::audit(&client::operator(&f.admin), None, None).await;
     let expired = audit.records.iter().filter(|r| r.kind == "expired").count();
     assert!(expired >= 1, "expiry audited");
     assert!(audit.chain_ok, "{}", audit.chain_error);

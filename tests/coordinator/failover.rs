@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use interlock_proto::v1 as pb;
-use interlock_tests::{Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
+use interlock_tests::{ADMIN, Coordinator, CoordinatorOptions, Etcd, client, fresh_prefix};
 
 use super::policy;
 
@@ -15,6 +15,7 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
     let text = policy("1", "autonomous", 1000, 1000, "10s");
     let mut plain = CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text);
     plain.election_ttl = "2s";
+    // A clone shares the CA: every replica trusts the same host and operator certificates.
     let mut paused = plain.clone();
     paused.env.push((
         "INTERLOCK_FAILPOINT_PAUSE_BEFORE_GRANT_COMMIT_MS".into(),
@@ -31,10 +32,9 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
     let took = killed_at.elapsed();
     assert!(took <= Duration::from_secs(3), "failover took {took:?}");
     println!("failover after kill -9: {took:?}");
-    let channel_b = client::channel(&b.url()).await;
-    let mut agent_b = client::agent(&channel_b);
+    let mut agent_b = client::agent(&b.host_channel("f1").await);
     client::register(&mut agent_b, "f1", "web").await;
-    client::register(&mut agent_b, "f2", "web").await;
+    client::register(&mut client::agent(&b.host_channel("f2").await), "f2", "web").await;
 
     // A request in flight at b (the failpoint holds it just before its commit) ...
     let in_flight = tokio::spawn(async move {
@@ -52,11 +52,10 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
     let c = Coordinator::start(&plain).expect("replica c");
     c.wait_leader(Duration::from_secs(10))
         .expect("c leads while b is stopped");
-    let channel_c = client::channel(&c.url()).await;
-    let mut agent_c = client::agent(&channel_c);
+    let mut agent_c = client::agent(&c.host_channel("f2").await);
     // c serves and fills the cap of 1 with f2.
     client::register(&mut agent_c, "f2", "web").await;
-    client::register(&mut agent_c, "f1", "web").await;
+    client::register(&mut client::agent(&c.host_channel("f1").await), "f1", "web").await;
     let got = client::acquire(&mut agent_c, "f2", "disk_cleanup", "/y").await;
     assert!(matches!(got, client::Got::Granted { .. }), "{got:?}");
 
@@ -77,6 +76,7 @@ async fn a_killed_leader_is_replaced_and_a_stopped_one_is_fenced() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let channel_c = c.operator_channel(ADMIN).await;
     let leases = client::operator(&channel_c)
         .leases(pb::LeasesRequest {})
         .await

@@ -1,18 +1,16 @@
 //! Flow edges and findings that agents report reach the fleet graph (`interlock graph`) and
 //! the findings view (`interlock findings`).
 
-use std::process::Command;
-
 use interlock_proto::v1 as pb;
-use interlock_tests::{client, coordinator::binary};
+use interlock_tests::{ADMIN, client};
 
-use super::{fixture, policy, register_hosts};
+use super::{agent_for, fixture, policy, register_hosts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reported_flows_and_findings_show_in_the_graph_and_findings_views() {
     let f = fixture("graph", &policy("2", "autonomous", 10, 10, "30s"), "60s").await;
-    register_hosts(&f.channel, "g", "checkout", 1).await;
-    let mut agent = client::agent(&f.channel);
+    register_hosts(&f.coordinator, "g", "checkout", 1).await;
+    let mut agent = agent_for(&f.coordinator, "g00").await;
     let edge = pb::FlowEdge {
         local_service: String::new(),
         process: "java".into(),
@@ -48,8 +46,9 @@ async fn reported_flows_and_findings_show_in_the_graph_and_findings_views() {
         .expect("report findings");
 
     let run = |args: &[&str]| {
-        let out = Command::new(binary("interlock"))
-            .args(["--coordinator", &f.coordinator.url()])
+        let out = f
+            .coordinator
+            .cli(ADMIN)
             .args(args)
             .output()
             .expect("run interlock");
@@ -79,7 +78,7 @@ async fn reported_flows_and_findings_show_in_the_graph_and_findings_views() {
     let findings: serde_json::Value =
         serde_json::from_str(&run(&["-o", "json", "findings", "--host", "g00"])).unwrap();
     assert_eq!(findings["findings"][0]["detector"], "disk_full");
-    let hosts = client::operator(&f.channel)
+    let hosts = client::operator(&f.admin)
         .hosts(pb::HostsRequest {})
         .await
         .unwrap()
@@ -87,13 +86,18 @@ async fn reported_flows_and_findings_show_in_the_graph_and_findings_views() {
         .hosts;
     assert_eq!(hosts[0].findings, 1, "the host view counts its findings");
 
-    // A report for an empty host id is refused; the coordinator keeps serving.
+    // A report for another host is refused (the host is the certificate's; the empty-host-id
+    // check of an --insecure coordinator is in bad_input); the coordinator keeps serving.
     let err = agent
         .report_flows(pb::ReportFlowsRequest {
-            host_id: String::new(),
+            host_id: "g01".into(),
             edges: vec![],
         })
         .await
         .expect_err("refused");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    client::operator(&f.admin)
+        .status(pb::StatusRequest {})
+        .await
+        .expect("still serving");
 }

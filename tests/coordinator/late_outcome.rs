@@ -6,7 +6,7 @@ use interlock_proto::v1 as pb;
 use interlock_tests::client::{self, Got};
 use tonic::Code;
 
-use super::{fixture, policy, register_hosts};
+use super::{agent_for, fixture_granting, policy, register_hosts};
 
 fn late(host: &str, lease_id: &str, token: u64) -> pb::ReportOutcomeRequest {
     pb::ReportOutcomeRequest {
@@ -23,15 +23,20 @@ fn late(host: &str, lease_id: &str, token: u64) -> pb::ReportOutcomeRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_outcomes_are_recorded_once_and_only_for_real_grants() {
-    let f = fixture(
+    let f = fixture_granting(
         "late-outcome",
         &policy("2", "autonomous", 100, 100, "30s"),
         "60s",
+        &[("alice", "operator")],
     )
     .await;
-    let hosts = register_hosts(&f.channel, "late-", "web", 2).await;
-    let mut agent = client::agent(&f.channel);
-    let operator = client::operator(&f.channel);
+    let hosts = register_hosts(&f.coordinator, "late-", "web", 2).await;
+    let mut agent = agent_for(&f.coordinator, &hosts[0]).await;
+    // The other host, with its own certificate: its claim on the first host's lease reaches
+    // the engine (which refuses it) instead of the certificate check.
+    let other = agent_for(&f.coordinator, &hosts[1]).await;
+    let operator = client::operator(&f.admin);
+    let mut alice = client::operator(&f.coordinator.operator_channel("alice").await);
     let Got::Granted {
         lease_id, token, ..
     } = client::acquire(&mut agent, &hosts[0], "disk_cleanup", "/var/log").await
@@ -47,26 +52,23 @@ async fn late_outcomes_are_recorded_once_and_only_for_real_grants() {
     assert_eq!(live.code(), Code::FailedPrecondition, "{live}");
 
     // The lease ends without the agent's outcome (an operator revokes it).
-    operator
-        .clone()
-        .revoke(client::as_operator(
-            "alice",
-            pb::RevokeRequest {
-                lease_id: lease_id.clone(),
-                reason: "test".to_owned(),
-            },
-        ))
+    alice
+        .revoke(pb::RevokeRequest {
+            lease_id: lease_id.clone(),
+            reason: "test".to_owned(),
+        })
         .await
         .expect("revoke");
 
     // No such grant, another host's lease, a wrong token: refused, nothing written.
     let before = client::audit(&operator, None, None).await.records.len();
-    for (host, lease, tok) in [
-        (hosts[0].as_str(), "no-such-lease", token),
-        (hosts[1].as_str(), lease_id.as_str(), token),
-        (hosts[0].as_str(), lease_id.as_str(), token + 1),
+    for (client, host, lease, tok) in [
+        (&agent, hosts[0].as_str(), "no-such-lease", token),
+        (&other, hosts[1].as_str(), lease_id.as_str(), token),
+        (&agent, hosts[0].as_str(), lease_id.as_str(), token + 1),
     ] {
-        let e = agent
+        let e = client
+            .clone()
             .report_outcome(late(host, lease, tok))
             .await
             .expect_err("a forged late outcome");

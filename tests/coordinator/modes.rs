@@ -4,55 +4,56 @@
 use std::time::Duration;
 
 use interlock_proto::v1 as pb;
-use interlock_tests::client::{self, Got, as_operator};
+use interlock_tests::client::{self, Got};
 
-use super::{fixture, policy, register_hosts};
+use super::{agent_for, fixture_granting, policy, register_hosts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freeze_observe_and_assist_behave_as_their_modes_say() {
-    let f = fixture("modes", &policy("5", "autonomous", 1000, 1000, "5s"), "60s").await;
-    register_hosts(&f.channel, "m", "web", 2).await;
-    let mut agent = client::agent(&f.channel);
-    let mut op = client::operator(&f.channel);
+    // dave is an admin, so that the red-tier refusal below is the policy's, not his role's.
+    let f = fixture_granting(
+        "modes",
+        &policy("5", "autonomous", 1000, 1000, "5s"),
+        "60s",
+        &[("dave", "admin"), ("erin", "approver")],
+    )
+    .await;
+    register_hosts(&f.coordinator, "m", "web", 2).await;
+    let mut m00 = agent_for(&f.coordinator, "m00").await;
+    let mut m01 = agent_for(&f.coordinator, "m01").await;
+    let mut op = client::operator(&f.admin);
+    let mut dave = client::operator(&f.coordinator.operator_channel("dave").await);
+    let mut erin = client::operator(&f.coordinator.operator_channel("erin").await);
 
     // Kill switch: everything is denied, naming it.
-    op.freeze(as_operator(
-        "dave",
-        pb::FreezeRequest {
-            class: String::new(),
-            reason: "incident 7".into(),
-            revoke: false,
-        },
-    ))
+    dave.freeze(pb::FreezeRequest {
+        class: String::new(),
+        reason: "incident 7".into(),
+        revoke: false,
+    })
     .await
     .unwrap();
-    let got = client::acquire(&mut agent, "m00", "disk_cleanup", "/a").await;
+    let got = client::acquire(&mut m00, "m00", "disk_cleanup", "/a").await;
     assert!(
         matches!(&got, Got::Denied { check, reason } if check == "kill_switch" && reason.contains("incident 7")),
         "{got:?}"
     );
-    op.unfreeze(as_operator(
-        "dave",
-        pb::UnfreezeRequest {
-            class: String::new(),
-            host: String::new(),
-            reason: "over".into(),
-        },
-    ))
+    dave.unfreeze(pb::UnfreezeRequest {
+        class: String::new(),
+        host: String::new(),
+        reason: "over".into(),
+    })
     .await
     .unwrap();
 
     // Observe: a would-grant is recorded; no lease exists.
-    op.set_mode(as_operator(
-        "dave",
-        pb::SetModeRequest {
-            class: "disk_cleanup".into(),
-            mode: "observe".into(),
-        },
-    ))
+    dave.set_mode(pb::SetModeRequest {
+        class: "disk_cleanup".into(),
+        mode: "observe".into(),
+    })
     .await
     .unwrap();
-    let got = client::acquire(&mut agent, "m00", "disk_cleanup", "/a").await;
+    let got = client::acquire(&mut m00, "m00", "disk_cleanup", "/a").await;
     assert_eq!(
         got,
         Got::Observed {
@@ -69,28 +70,24 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
     assert!(leases.is_empty(), "observe grants nothing: {leases:?}");
 
     // Assist: pending until approved; approval re-runs admission and records the approver.
-    op.set_mode(as_operator(
-        "dave",
-        pb::SetModeRequest {
-            class: "disk_cleanup".into(),
-            mode: "assist".into(),
-        },
-    ))
+    dave.set_mode(pb::SetModeRequest {
+        class: "disk_cleanup".into(),
+        mode: "assist".into(),
+    })
     .await
     .unwrap();
-    let got = client::acquire(&mut agent, "m01", "disk_cleanup", "/b").await;
+    let got = client::acquire(&mut m01, "m01", "disk_cleanup", "/b").await;
     let Got::Pending { approval_id } = got else {
         panic!("assist must wait: {got:?}")
     };
     let polled = client::got(
-        agent
-            .poll_approval(pb::PollApprovalRequest {
-                approval_id: approval_id.clone(),
-                host_id: "m01".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+        m01.poll_approval(pb::PollApprovalRequest {
+            approval_id: approval_id.clone(),
+            host_id: "m01".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
     );
     assert!(
         matches!(polled, Got::Pending { .. }),
@@ -105,12 +102,9 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].approval_id, approval_id);
     let approved = client::got(
-        op.approve(as_operator(
-            "erin",
-            pb::ApproveRequest {
-                approval_id: approval_id.clone(),
-            },
-        ))
+        erin.approve(pb::ApproveRequest {
+            approval_id: approval_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner(),
@@ -124,14 +118,13 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
     assert_eq!(approver, "erin");
     // The agent's poll now sees the grant with the same token.
     let polled = client::got(
-        agent
-            .poll_approval(pb::PollApprovalRequest {
-                approval_id,
-                host_id: "m01".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+        m01.poll_approval(pb::PollApprovalRequest {
+            approval_id,
+            host_id: "m01".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
     );
     assert!(
         matches!(&polled, Got::Granted { token: t, approver, .. } if *t == token && approver == "erin"),
@@ -139,28 +132,24 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
     );
 
     // A rejected request ends denied.
-    let got = client::acquire(&mut agent, "m00", "disk_cleanup", "/c").await;
+    let got = client::acquire(&mut m00, "m00", "disk_cleanup", "/c").await;
     let Got::Pending { approval_id } = got else {
         panic!("{got:?}")
     };
-    op.reject(as_operator(
-        "erin",
-        pb::RejectRequest {
-            approval_id: approval_id.clone(),
-            reason: "not now".into(),
-        },
-    ))
+    erin.reject(pb::RejectRequest {
+        approval_id: approval_id.clone(),
+        reason: "not now".into(),
+    })
     .await
     .unwrap();
     let polled = client::got(
-        agent
-            .poll_approval(pb::PollApprovalRequest {
-                approval_id,
-                host_id: "m00".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+        m00.poll_approval(pb::PollApprovalRequest {
+            approval_id,
+            host_id: "m00".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner(),
     );
     assert!(
         matches!(&polled, Got::Denied { check, .. } if check == "rejected"),
@@ -168,14 +157,11 @@ async fn freeze_observe_and_assist_behave_as_their_modes_say() {
     );
 
     // Red tier can never be autonomous.
-    let refused = op
-        .set_mode(as_operator(
-            "dave",
-            pb::SetModeRequest {
-                class: "node_reboot".into(),
-                mode: "autonomous".into(),
-            },
-        ))
+    let refused = dave
+        .set_mode(pb::SetModeRequest {
+            class: "node_reboot".into(),
+            mode: "autonomous".into(),
+        })
         .await
         .expect_err("red tier refused");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);

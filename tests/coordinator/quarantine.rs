@@ -9,8 +9,8 @@ use std::{process::Command, time::Duration};
 use interlock_coordinator::view::Keys;
 use interlock_proto::v1 as pb;
 use interlock_tests::{
-    Coordinator, CoordinatorOptions, Etcd,
-    client::{self, Got, as_operator, channel},
+    ADMIN, Coordinator, CoordinatorOptions, Etcd,
+    client::{self, Got},
     fresh_prefix,
 };
 
@@ -59,30 +59,27 @@ async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_a
         "alert_webhook = \"{url}\"\n{}",
         policy("5", "assist", 1000, 1000, "30s")
     );
-    let options = CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text);
+    // Every replica below is started on these options, so all trust one CA.
+    let options =
+        CoordinatorOptions::etcd(etcd.endpoint(), prefix.clone(), &text).grant("carol", "operator");
     let mut first = Coordinator::start(&options).expect("start");
     first.wait_leader(Duration::from_secs(15)).expect("leads");
-    let ch = channel(&first.url()).await;
-    let mut op = client::operator(&ch);
-    op.freeze(as_operator(
-        "carol",
-        pb::FreezeRequest {
+    let mut carol = client::operator(&first.operator_channel("carol").await);
+    carol
+        .freeze(pb::FreezeRequest {
             class: String::new(),
             reason: "incident 12".into(),
             revoke: false,
-        },
-    ))
-    .await
-    .expect("freeze");
-    op.set_mode(as_operator(
-        "carol",
-        pb::SetModeRequest {
+        })
+        .await
+        .expect("freeze");
+    carol
+        .set_mode(pb::SetModeRequest {
             class: "disk_cleanup".into(),
             mode: "observe".into(),
-        },
-    ))
-    .await
-    .expect("mode");
+        })
+        .await
+        .expect("mode");
     assert_eq!(
         first.metric("interlock_quarantined_keys"),
         0.0,
@@ -109,7 +106,7 @@ async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_a
     second
         .wait_leader(Duration::from_secs(15))
         .expect("a replica that finds tampered state still leads");
-    let ch = channel(&second.url()).await;
+    let ch = second.operator_channel(ADMIN).await;
     let st = status(&ch).await;
     let kill = st
         .kill_switch
@@ -118,7 +115,7 @@ async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_a
     assert!(kill.reason.contains("not backed by the audit"), "{kill:?}");
     assert_eq!(mode_of(&st, "disk_cleanup"), "observe");
     assert_eq!(second.metric("interlock_quarantined_keys"), 2.0);
-    let mut agent = client::agent(&ch);
+    let mut agent = client::agent(&second.host_channel("s1").await);
     client::register(&mut agent, "s1", "web").await;
     let got = client::acquire(&mut agent, "s1", "disk_cleanup", "/x").await;
     assert!(
@@ -150,31 +147,27 @@ async fn state_changed_behind_the_coordinators_back_is_refused_at_load_audited_a
 
     // An operator who looked sets the state again through interlock; the next replica to
     // load it finds nothing to quarantine.
-    let mut op = client::operator(&ch);
-    op.unfreeze(as_operator(
-        "carol",
-        pb::UnfreezeRequest {
+    let mut carol = client::operator(&second.operator_channel("carol").await);
+    carol
+        .unfreeze(pb::UnfreezeRequest {
             class: String::new(),
             host: String::new(),
             reason: "checked etcd's log".into(),
-        },
-    ))
-    .await
-    .expect("unfreeze");
-    op.set_mode(as_operator(
-        "carol",
-        pb::SetModeRequest {
+        })
+        .await
+        .expect("unfreeze");
+    carol
+        .set_mode(pb::SetModeRequest {
             class: "disk_cleanup".into(),
             mode: "assist".into(),
-        },
-    ))
-    .await
-    .expect("mode");
+        })
+        .await
+        .expect("mode");
     drop(second);
     let third = Coordinator::start(&options).expect("start a third time");
     third.wait_leader(Duration::from_secs(15)).expect("leads");
     assert_eq!(third.metric("interlock_quarantined_keys"), 0.0);
-    let st = status(&channel(&third.url()).await).await;
+    let st = status(&third.operator_channel(ADMIN).await).await;
     assert!(st.kill_switch.is_none(), "{:?}", st.kill_switch);
     assert_eq!(mode_of(&st, "disk_cleanup"), "assist");
 }
@@ -186,24 +179,22 @@ async fn the_seal_outlives_the_audit_records_it_named() {
         etcd.endpoint(),
         fresh_prefix("reseal"),
         &policy("5", "observe", 1000, 1000, "30s"),
-    );
+    )
+    .grant("carol", "operator");
     options.audit_retention = Some(100);
     let first = Coordinator::start(&options).expect("start");
     first.wait_leader(Duration::from_secs(15)).expect("leads");
-    let ch = channel(&first.url()).await;
-    client::operator(&ch)
-        .set_mode(as_operator(
-            "carol",
-            pb::SetModeRequest {
-                class: "node_reboot".into(),
-                mode: "observe".into(),
-            },
-        ))
+    let ch = first.operator_channel(ADMIN).await;
+    client::operator(&first.operator_channel("carol").await)
+        .set_mode(pb::SetModeRequest {
+            class: "node_reboot".into(),
+            mode: "observe".into(),
+        })
         .await
         .expect("mode");
     // Observe-mode requests write audit records but no sealed key, so the seal keeps naming
     // an early record until trimming reaches it.
-    let mut agent = client::agent(&ch);
+    let mut agent = client::agent(&first.host_channel("t1").await);
     client::register(&mut agent, "t1", "web").await;
     for i in 0..260 {
         let got = client::acquire(&mut agent, "t1", "disk_cleanup", &format!("/{i}")).await;
@@ -229,7 +220,7 @@ async fn the_seal_outlives_the_audit_records_it_named() {
         "{}",
         second.log()
     );
-    let st = status(&channel(&second.url()).await).await;
+    let st = status(&second.operator_channel(ADMIN).await).await;
     assert!(st.kill_switch.is_none(), "{:?}", st.kill_switch);
     assert_eq!(mode_of(&st, "node_reboot"), "observe");
 }
@@ -259,7 +250,7 @@ async fn undecodable_keys_are_quarantined_with_safe_values_and_the_replica_still
         .wait_leader(Duration::from_secs(15))
         .expect("a replica with undecodable keys under its prefix still leads");
     assert_eq!(coordinator.metric("interlock_quarantined_keys"), 2.0);
-    let ch = channel(&coordinator.url()).await;
+    let ch = coordinator.operator_channel(ADMIN).await;
     let status = client::operator(&ch)
         .status(pb::StatusRequest {})
         .await
@@ -284,7 +275,7 @@ async fn undecodable_keys_are_quarantined_with_safe_values_and_the_replica_still
         "{frozen:?}"
     );
     // And admission acts on the safe values: observe records, never grants.
-    let mut agent = client::agent(&ch);
+    let mut agent = client::agent(&coordinator.host_channel("q1").await);
     client::register(&mut agent, "q1", "web").await;
     let got = client::acquire(&mut agent, "q1", "disk_cleanup", "/x").await;
     assert!(matches!(got, Got::Observed { .. }), "{got:?}");

@@ -11,7 +11,7 @@ use interlock_coordinator::{
 };
 use interlock_proto::{tls::TlsFiles, v1 as pb};
 use interlock_tests::{
-    Coordinator, CoordinatorOptions, Etcd,
+    CertDir, Coordinator, CoordinatorOptions, Etcd,
     client::{self, Got},
     coordinator::{binary, certs_cli},
     fresh_prefix,
@@ -39,7 +39,9 @@ fn issue_all(dir: &Path, hosts: &[&str], operators: &[(&str, &str)]) {
 fn start_mtls(test: &str, dir: &Path, policy: &str, args: Vec<String>) -> (Etcd, Coordinator) {
     let etcd = Etcd::start().expect("etcd");
     let mut options = CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix(test), policy);
-    options.tls = Some(dir.to_owned());
+    // The test's own CA, made through the CLI; its policy has its own [access] section, which
+    // the harness leaves as it is.
+    options.tls = Some(CertDir::existing(dir));
     options.args = args;
     let coordinator = Coordinator::start(&options).expect("start coordinator");
     coordinator
@@ -138,7 +140,7 @@ async fn identities_come_from_certificates_and_every_impersonation_is_refused() 
     let access = "\n[access.operators]\nvic = \"viewer\"\nerin = \"approver\"\ncarol = \"operator\"\nada = \"admin\"\n";
     let text = policy("5", "assist", 1000, 1000, "30s") + access;
     let (_etcd, coordinator) = start_mtls("trust", &dir, &text, Vec::new());
-    let url = coordinator.tls_url();
+    let url = coordinator.url();
 
     let web1 = channel_as(&url, &files(&dir, "hosts", "web-1")).await;
     let web2 = channel_as(&url, &files(&dir, "hosts", "web-2")).await;
@@ -437,7 +439,7 @@ async fn a_host_put_on_the_deny_list_is_refused_without_a_restart_and_loses_its_
         policy("5", "autonomous", 1000, 1000, "30s") + "\n[access.operators]\nvic = \"viewer\"\n";
     let args = vec!["--deny-file".into(), deny.display().to_string()];
     let (_etcd, coordinator) = start_mtls("deny", &dir, &text, args);
-    let url = coordinator.tls_url();
+    let url = coordinator.url();
     let web1 = channel_as(&url, &files(&dir, "hosts", "web-1")).await;
     let web2 = channel_as(&url, &files(&dir, "hosts", "web-2")).await;
     let mut a1 = client::agent(&web1);

@@ -11,7 +11,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::coordinator::{binary, http_get};
+use crate::coordinator::{CertDir, agent_tls_table, binary, http_get};
+
+/// How an agent reaches its coordinator: `url` for its `coordinator = "…"` line and `tls`, the
+/// `[tls]` table of its host certificate, to append at the end of its `agent.toml`
+/// (`Coordinator::link(host)` makes one; empty for an `--insecure` coordinator). Holds the CA
+/// directory, so keep the link for as long as the agent runs.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub url: String,
+    pub tls: String,
+    pub(crate) _ca: Option<std::sync::Arc<CertDir>>,
+}
+
+impl Link {
+    /// A coordinator nobody serves: `https://` on a free loopback port, with `host`'s
+    /// certificate from a CA of its own, so the agent's TLS path is the one that fails to
+    /// connect.
+    pub fn nowhere(host: &str) -> Self {
+        let ca = CertDir::new().expect("a CA for an unreachable coordinator");
+        Self {
+            url: format!("https://{}", free_addr()),
+            tls: agent_tls_table(&ca.host(host)),
+            _ca: Some(ca),
+        }
+    }
+}
 
 /// A free loopback address (bound and released at once).
 pub fn free_addr() -> SocketAddr {

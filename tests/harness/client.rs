@@ -10,22 +10,39 @@ use interlock_proto::v1::{
 };
 use tonic::{Request, transport::Channel};
 
-/// Connects to a coordinator, retrying briefly while it starts.
-pub async fn channel(url: &str) -> Channel {
+/// Connects to a coordinator over mutual TLS presenting `identity` (a host's or an operator's
+/// certificate), retrying briefly while it starts. Most tests get theirs from
+/// `Coordinator::operator_channel` / `host_channel`, which issue the certificate.
+pub async fn channel(url: &str, identity: &interlock_proto::tls::TlsFiles) -> Channel {
+    let tls = identity
+        .client_config()
+        .unwrap_or_else(|e| panic!("TLS files {}: {e}", identity.cert.display()));
+    let endpoint = Channel::from_shared(url.to_owned())
+        .expect("valid url")
+        .connect_timeout(Duration::from_secs(1))
+        .tls_config(tls)
+        .unwrap_or_else(|e| panic!("TLS config for {url}: {e}"));
+    connect_retrying(url, endpoint).await
+}
+
+/// A plaintext channel, for the tests of an `--insecure` coordinator only.
+pub async fn plaintext_channel(url: &str) -> Channel {
+    let endpoint = Channel::from_shared(url.to_owned())
+        .expect("valid url")
+        .connect_timeout(Duration::from_secs(1));
+    connect_retrying(url, endpoint).await
+}
+
+async fn connect_retrying(url: &str, endpoint: tonic::transport::Endpoint) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Channel::from_shared(url.to_owned())
-            .expect("valid url")
-            .connect_timeout(Duration::from_secs(1))
-            .connect()
-            .await
-        {
+        match endpoint.connect().await {
             Ok(c) => return c,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "coordinator not up yet");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("cannot connect to {url}: {e}"),
+            Err(e) => panic!("cannot connect to {url}: {e:?}"),
         }
     }
 }
@@ -62,7 +79,9 @@ pub fn operator(channel: &Channel) -> OperatorClient<Channel> {
     OperatorClient::new(channel.clone())
 }
 
-/// An operator request carrying the operator's identity.
+/// An operator request carrying a self-asserted identity in the `x-interlock-operator` header:
+/// what an `--insecure` coordinator believes. Over mutual TLS the certificate decides and the
+/// header is ignored; use `Coordinator::operator_channel(name)` there.
 pub fn as_operator<T>(name: &str, message: T) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut().insert(

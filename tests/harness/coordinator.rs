@@ -1,15 +1,23 @@
-//! A real `interlock serve` process on loopback, started from the workspace's own binary.
+//! A real `interlock serve` process on loopback, started from the workspace's own binary, over
+//! mutual TLS unless a test asks for `--insecure`; and the certificates, channels, CLI commands
+//! and agent links that act as one identity towards it.
 
 use std::{
+    collections::HashMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use interlock_coordinator::{certs, identity::Identity};
+use interlock_proto::tls::TlsFiles;
+use tonic::transport::Channel;
+
+use crate::{agent::Link, client};
 
 /// A policy that tests can start from: one green class, autonomous, generous budgets.
 pub const BASIC_POLICY: &str = r#"
@@ -99,6 +107,80 @@ pub fn certs_cli(args: &[&str]) {
     );
 }
 
+/// A certificate authority shared by a group of coordinators (the replicas of one prefix), and
+/// the host and operator certificates issued from it, each once. Made in-process with
+/// `interlock_coordinator::certs` (rcgen ECDSA keys: fast enough to issue one per host).
+#[derive(Debug)]
+pub struct CertDir {
+    path: PathBuf,
+    /// Held so that a CA the harness made lives as long as any handle to it.
+    _owned: Option<tempfile::TempDir>,
+    /// Serialises issuing, so two tasks asking for one identity get one certificate.
+    issuing: Mutex<()>,
+}
+
+impl CertDir {
+    /// A new CA (and the coordinator's certificate) in a temp dir.
+    pub fn new() -> anyhow::Result<Arc<Self>> {
+        let owned = tempfile::Builder::new()
+            .prefix("interlock-certs-")
+            .tempdir()?;
+        let path = owned.path().join("certs");
+        certs::init(&path, certs::DEFAULT_TRUST_DOMAIN, &[])?;
+        Ok(Arc::new(Self {
+            path,
+            _owned: Some(owned),
+            issuing: Mutex::new(()),
+        }))
+    }
+
+    /// A directory a test made itself (`interlock certs init DIR`, through the real CLI).
+    pub fn existing(path: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            path: path.to_owned(),
+            _owned: None,
+            issuing: Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The files of `host`'s certificate (`spiffe://<td>/host/<host>`), issued on first use.
+    pub fn host(&self, host: &str) -> TlsFiles {
+        self.files(&Identity::Host(host.to_owned()))
+    }
+
+    /// The files of operator `name`'s certificate, issued on first use. Its role is the
+    /// policy's business (`[access.operators]`), not the certificate's.
+    pub fn operator(&self, name: &str) -> TlsFiles {
+        self.files(&Identity::Operator(name.to_owned()))
+    }
+
+    fn files(&self, identity: &Identity) -> TlsFiles {
+        let (sub, name) = match identity {
+            Identity::Host(h) => ("hosts", h),
+            Identity::Operator(o) => ("operators", o),
+        };
+        let files = TlsFiles {
+            ca: self.path.join("ca.pem"),
+            cert: self.path.join(sub).join(format!("{name}.pem")),
+            key: self.path.join(sub).join(format!("{name}.key")),
+        };
+        let _one_at_a_time = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        if !files.cert.exists() {
+            certs::issue(&self.path, identity, certs::Validity::from_now(1))
+                .unwrap_or_else(|e| panic!("issue a certificate for {identity}: {e}"));
+        }
+        files
+    }
+}
+
+/// The operator the harness grants `admin` on every mutual-TLS coordinator whose policy has no
+/// `[access]` section of its own; tests that need no particular name act as this one.
+pub const ADMIN: &str = "admin";
+
 /// How to start a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -110,9 +192,15 @@ pub struct CoordinatorOptions {
     pub election_ttl: &'static str,
     pub audit_retention: Option<u64>,
     pub env: Vec<(String, String)>,
-    /// A certificate directory from `interlock certs init` to serve mutual TLS with; `None`
-    /// serves `--insecure` (self-asserted identities).
-    pub tls: Option<PathBuf>,
+    /// The CA to serve mutual TLS with (`--ca/--cert/--key` from its directory). Every
+    /// constructor makes a fresh one; clones share it, so the replicas of one prefix trust the
+    /// same certificates. `None` serves `--insecure` (plaintext, self-asserted identities): set
+    /// only through [`CoordinatorOptions::insecure`], by tests about exactly that.
+    pub tls: Option<Arc<CertDir>>,
+    /// Operator roles the harness appends to the policy as `[access.operators]` (mutual TLS
+    /// only): [`ADMIN`] as `admin`, and whatever [`CoordinatorOptions::grant`] adds. A policy
+    /// with its own `[access]` section is written as it is, and these are not added.
+    pub operators: Vec<(String, String)>,
     /// More `interlock serve` flags.
     pub args: Vec<String>,
 }
@@ -129,9 +217,54 @@ impl CoordinatorOptions {
             election_ttl: "5s",
             audit_retention: None,
             env: Vec::new(),
-            tls: None,
+            tls: Some(CertDir::new().expect("a CA for the test's coordinators")),
+            operators: vec![(ADMIN.to_owned(), "admin".to_owned())],
             args: Vec::new(),
         }
+    }
+
+    /// On the embedded store (a data dir in the coordinator's temp dir).
+    pub fn embedded(prefix: String, policy: &str) -> Self {
+        Self {
+            etcd: None,
+            ..Self::etcd(String::new(), prefix, policy)
+        }
+    }
+
+    /// Serve `--insecure`: plaintext, identities taken at their word. Only for tests about
+    /// plaintext behaviour itself; every other test runs over mutual TLS.
+    pub fn insecure(mut self) -> Self {
+        self.tls = None;
+        self
+    }
+
+    /// Grants operator `name` the `role` (viewer, approver, operator, admin) in the policy.
+    pub fn grant(mut self, name: &str, role: &str) -> Self {
+        self.operators.push((name.to_owned(), role.to_owned()));
+        self
+    }
+
+    /// The policy text the coordinator is started with: the test's, plus the harness's
+    /// `[access.operators]` unless the test wrote an `[access]` section itself.
+    fn policy_text(&self) -> String {
+        let has_access = self
+            .policy
+            .lines()
+            .any(|l| l.trim_start().starts_with("[access"));
+        if self.tls.is_none() || has_access {
+            return self.policy.clone();
+        }
+        let mut text = self.policy.clone();
+        text.push_str("\n# Appended by the test harness: who may do what over mutual TLS.\n");
+        text.push_str("[access.operators]\n");
+        let mut seen = std::collections::BTreeSet::new();
+        // A later grant of the same name wins, as the test asked last.
+        for (name, role) in self.operators.iter().rev() {
+            if seen.insert(name) {
+                text.push_str(&format!("{name} = \"{role}\"\n"));
+            }
+        }
+        text
     }
 }
 
@@ -142,6 +275,10 @@ pub struct Coordinator {
     grpc: SocketAddr,
     http: SocketAddr,
     dir: tempfile::TempDir,
+    /// The CA it serves mutual TLS with; `None` when `--insecure`.
+    certs: Option<Arc<CertDir>>,
+    /// One connection per identity, made on first use (`operator_channel`, `host_channel`).
+    channels: Mutex<HashMap<String, Channel>>,
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
@@ -154,7 +291,7 @@ impl Coordinator {
             .prefix("interlock-coord-")
             .tempdir()?;
         let policy = dir.path().join("policy.toml");
-        std::fs::write(&policy, &options.policy)?;
+        std::fs::write(&policy, options.policy_text())?;
         let grpc = free_addr()?;
         let http = free_addr()?;
         let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
@@ -189,6 +326,7 @@ impl Coordinator {
         }
         match &options.tls {
             Some(certs) => {
+                let certs = certs.path();
                 cmd.arg("--ca")
                     .arg(certs.join("ca.pem"))
                     .arg("--cert")
@@ -210,6 +348,8 @@ impl Coordinator {
             grpc,
             http,
             dir,
+            certs: options.tls.clone(),
+            channels: Mutex::new(HashMap::new()),
         };
         c.wait_serving()?;
         Ok(c)
@@ -250,13 +390,104 @@ impl Coordinator {
         bail!("not leader within {within:?}; log:\n{}", self.log())
     }
 
+    /// The gRPC address: `https://` over mutual TLS, `http://` when `--insecure`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        match self.certs {
+            Some(_) => format!("https://{}", self.grpc),
+            None => format!("http://{}", self.grpc),
+        }
     }
 
-    /// The gRPC address as an `https://` URL (for a coordinator started with `tls`).
-    pub fn tls_url(&self) -> String {
-        format!("https://{}", self.grpc)
+    /// The CA this coordinator trusts (panics on an `--insecure` one: a test that asks for a
+    /// certificate there is confused about what it tests).
+    pub fn certs(&self) -> &CertDir {
+        self.certs
+            .as_deref()
+            .expect("this coordinator runs --insecure: it has no CA to issue certificates from")
+    }
+
+    /// The certificate files of `host`, from this coordinator's CA.
+    pub fn host_files(&self, host: &str) -> TlsFiles {
+        self.certs().host(host)
+    }
+
+    /// The certificate files of operator `name`, from this coordinator's CA.
+    pub fn operator_files(&self, name: &str) -> TlsFiles {
+        self.certs().operator(name)
+    }
+
+    /// A channel presenting operator `name`'s certificate (its role is the policy's:
+    /// [`CoordinatorOptions::grant`]). Made once per name and reused.
+    pub async fn operator_channel(&self, name: &str) -> Channel {
+        let files = self.operator_files(name);
+        self.cached_channel(format!("operator:{name}"), &files)
+            .await
+    }
+
+    /// A channel presenting `host`'s certificate: the agent API acts for that host only.
+    /// Made once per host and reused.
+    pub async fn host_channel(&self, host: &str) -> Channel {
+        let files = self.host_files(host);
+        self.cached_channel(format!("host:{host}"), &files).await
+    }
+
+    async fn cached_channel(&self, key: String, files: &TlsFiles) -> Channel {
+        if let Some(c) = self.lock_channels().get(&key) {
+            return c.clone();
+        }
+        // Connected outside the lock; two tasks racing for one identity both connect and the
+        // first one stored wins, which is harmless.
+        let made = client::channel(&self.url(), files).await;
+        self.lock_channels().entry(key).or_insert(made).clone()
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The real `interlock` CLI pointed at this coordinator as operator `name`: its certificate
+    /// through `INTERLOCK_CA/CERT/KEY` over mutual TLS; `--operator NAME` when `--insecure`.
+    pub fn cli(&self, name: &str) -> Command {
+        match &self.certs {
+            Some(certs) => self.cli_with(&certs.operator(name)),
+            None => {
+                let mut cmd = Command::new(binary("interlock"));
+                cmd.args(["--coordinator", &self.url(), "--operator", name])
+                    .env_remove("INTERLOCK_CA")
+                    .env_remove("INTERLOCK_CERT")
+                    .env_remove("INTERLOCK_KEY");
+                cmd
+            }
+        }
+    }
+
+    /// The `interlock` CLI as `host` (the `lease` commands speak the agent API, which acts
+    /// only for the host of the certificate presented).
+    pub fn host_cli(&self, host: &str) -> Command {
+        self.cli_with(&self.host_files(host))
+    }
+
+    fn cli_with(&self, files: &TlsFiles) -> Command {
+        let mut cmd = Command::new(binary("interlock"));
+        cmd.args(["--coordinator", &self.url()])
+            .env("INTERLOCK_CA", &files.ca)
+            .env("INTERLOCK_CERT", &files.cert)
+            .env("INTERLOCK_KEY", &files.key)
+            .env_remove("INTERLOCK_OPERATOR");
+        cmd
+    }
+
+    /// How agent `host` reaches this coordinator: the URL for its `coordinator =` and the
+    /// `[tls]` table with its certificate from this coordinator's CA (empty when `--insecure`).
+    pub fn link(&self, host: &str) -> Link {
+        Link {
+            url: self.url(),
+            tls: match &self.certs {
+                Some(certs) => agent_tls_table(&certs.host(host)),
+                None => String::new(),
+            },
+            _ca: self.certs.clone(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -325,6 +556,17 @@ impl Drop for Coordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `[tls]` for an `agent.toml` naming these files (TOML basic strings: the paths are quoted
+/// with Rust's escapes, which TOML reads the same for paths of printable characters).
+pub fn agent_tls_table(files: &TlsFiles) -> String {
+    format!(
+        "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        files.ca.display().to_string(),
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    )
 }
 
 /// A plain HTTP/1.0 GET against loopback: (status code, body).

@@ -10,7 +10,7 @@ pub mod coordinator;
 pub mod etcd;
 pub mod webhook;
 
-pub use coordinator::{BASIC_POLICY, Coordinator, CoordinatorOptions};
+pub use coordinator::{ADMIN, BASIC_POLICY, CertDir, Coordinator, CoordinatorOptions};
 pub use etcd::{Etcd, EtcdTls};
 
 /// Panics unless the test runs as root; eBPF and cgroup tests need it and CI runs as root.

@@ -156,8 +156,7 @@ async fn the_coordinator_works_under_a_prefix_only_etcd_role_and_others_cannot_w
     coordinator
         .wait_leader(Duration::from_secs(15))
         .expect("leads under its role");
-    let ch = client::channel(&coordinator.url()).await;
-    let mut agent = client::agent(&ch);
+    let mut agent = client::agent(&coordinator.host_channel("e1").await);
     client::register(&mut agent, "e1", "web").await;
     let got = client::acquire(&mut agent, "e1", "disk_cleanup", "/var/log").await;
     let client::Got::Granted {
@@ -167,7 +166,8 @@ async fn the_coordinator_works_under_a_prefix_only_etcd_role_and_others_cannot_w
         panic!("{got:?}")
     };
     client::release(&mut agent, &lease_id, token).await;
-    let audit = client::audit(&client::operator(&ch), None, None).await;
+    let admin = coordinator.operator_channel(interlock_tests::ADMIN).await;
+    let audit = client::audit(&client::operator(&admin), None, None).await;
     assert!(audit.chain_ok, "{}", audit.chain_error);
     assert!(audit.records.iter().any(|r| r.kind == "grant"));
     let pem = std::fs::read(&i_cert).expect("read cert");
