@@ -114,7 +114,7 @@ fn a_join_token_enrols_once_and_the_certificate_renews_before_it_expires() {
     let policy = format!("{BASIC_POLICY}\n[access.operators]\nada = \"admin\"\nvic = \"viewer\"\n");
     let mut options = CoordinatorOptions::etcd(String::new(), fresh_prefix("enrol"), &policy);
     options.etcd = None;
-    options.tls = Some(ca_dir.clone());
+    options.tls = Some(interlock_tests::CertDir::existing(&ca_dir));
     options.args = vec![
         "--ca-key".into(),
         ca_dir.join("ca.key").display().to_string(),
@@ -125,7 +125,7 @@ fn a_join_token_enrols_once_and_the_certificate_renews_before_it_expires() {
     coordinator
         .wait_leader(Duration::from_secs(20))
         .expect("leads");
-    let url = coordinator.tls_url();
+    let url = coordinator.url();
 
     // Only an admin mints host identities.
     let out = as_operator(&url, &ca_dir, "vic", &["certs", "token", "--host", HOST]);

@@ -107,7 +107,7 @@ async fn bearer_tokens_act_with_their_role_break_glass_is_audited_and_alerted() 
     let etcd = Etcd::start().expect("etcd");
     let mut options =
         CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("tokens"), &text_policy);
-    options.tls = Some(dir.clone());
+    options.tls = Some(interlock_tests::CertDir::existing(&dir));
     options.args = vec![
         "--token-file".into(),
         tf.into(),
@@ -118,7 +118,7 @@ async fn bearer_tokens_act_with_their_role_break_glass_is_audited_and_alerted() 
     coordinator
         .wait_leader(Duration::from_secs(15))
         .expect("leads");
-    let url = coordinator.tls_url();
+    let url = coordinator.url();
 
     // ci-bot freezes a class with its token; the audit owner is operator:ci-bot.
     let out = with_token(
@@ -235,7 +235,7 @@ async fn the_coordinators_certificate_is_renewed_without_a_restart() {
     let text_policy = policy("5", "assist", 1000, 1000, "30s") + access;
     let mut options =
         CoordinatorOptions::etcd(etcd.endpoint(), fresh_prefix("renew"), &text_policy);
-    options.tls = Some(dir.clone());
+    options.tls = Some(interlock_tests::CertDir::existing(&dir));
     let coordinator = Coordinator::start(&options).expect("start");
     coordinator
         .wait_leader(Duration::from_secs(15))
@@ -261,7 +261,7 @@ async fn the_coordinators_certificate_is_renewed_without_a_restart() {
     let key = dir.join("operators/vic.key");
     let out = interlock(&[
         "--coordinator",
-        &coordinator.tls_url(),
+        &coordinator.url(),
         "--ca",
         ca.to_str().expect("utf-8"),
         "--cert",
