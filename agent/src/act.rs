@@ -208,7 +208,7 @@ pub struct ActorSettings {
     pub host_id: String,
     pub urls: Vec<String>,
     /// Mutual TLS towards the coordinator, if configured.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub tls: Option<crate::report::ClientTls>,
     pub actions: ActionsConfig,
     /// Mount points of the host (to find which mount holds each cleanup root).
     pub mounts: Vec<PathBuf>,

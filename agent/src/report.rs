@@ -9,8 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use interlock_proto::tls::TlsFiles;
 use interlock_proto::v1 as pb;
 use interlock_proto::v1::agent_client::AgentClient;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -281,16 +283,116 @@ fn classify(url: &str, status: &Status) -> CallError {
     }
 }
 
+/// What identifies one version of the `[tls]` files: length and modification time of each.
+type Stamp = Vec<(u64, Option<std::time::SystemTime>)>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    [&files.ca, &files.cert, &files.key]
+        .iter()
+        .map(|p| match std::fs::metadata(p) {
+            Ok(m) => (m.len(), m.modified().ok()),
+            Err(_) => (0, None),
+        })
+        .collect()
+}
+
+/// The agent's TLS identity towards the coordinator, re-read when its files change (a renewed
+/// or replaced certificate is presented on the next connection, without a restart). Files
+/// that do not load, or a key that does not go with the certificate (a rotation between its
+/// two renames), keep the identity in use and are tried again at the next call.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    files: TlsFiles,
+    state: Arc<Mutex<TlsState>>,
+}
+
+#[derive(Debug)]
+struct TlsState {
+    stamp: Stamp,
+    config: ClientTlsConfig,
+    /// Bumped at each reload; channels made with an older one are dropped.
+    generation: u64,
+    /// The last reload failure, logged once.
+    failed: Option<String>,
+}
+
+/// Reads the files and checks the key is the certificate's.
+fn load_tls(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
+    let config = files.client_config().map_err(|e| e.to_string())?;
+    let cert = std::fs::read(&files.cert).map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let spki = interlock_proto::tls::cert_facts_pem(&cert)
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?
+        .spki_der;
+    let key = interlock_proto::tls::read_key(&files.key).map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&key))
+        .map_err(|e| format!("{}: {e}", files.key.display()))?;
+    if rcgen::PublicKeyData::subject_public_key_info(&key) != spki {
+        return Err(format!(
+            "{} is not the key of {}",
+            files.key.display(),
+            files.cert.display()
+        ));
+    }
+    Ok(config)
+}
+
+impl ClientTls {
+    pub fn load(files: TlsFiles) -> Result<Self, String> {
+        let stamp = stamp(&files);
+        let config = load_tls(&files)?;
+        Ok(Self {
+            files,
+            state: Arc::new(Mutex::new(TlsState {
+                stamp,
+                config,
+                generation: 0,
+                failed: None,
+            })),
+        })
+    }
+
+    /// The identity for a new connection and its generation, reloaded if the files changed.
+    pub fn current(&self) -> (u64, ClientTlsConfig) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamp(&self.files);
+        if now != state.stamp {
+            match load_tls(&self.files) {
+                Ok(config) => {
+                    state.stamp = now;
+                    state.config = config;
+                    state.generation += 1;
+                    state.failed = None;
+                    tracing::info!(
+                        cert = %self.files.cert.display(),
+                        "TLS files changed: new connections present the new certificate"
+                    );
+                }
+                Err(e) => {
+                    if state.failed.as_ref() != Some(&e) {
+                        tracing::warn!(
+                            error = e,
+                            "TLS files changed but do not load; keeping the identity in use"
+                        );
+                        state.failed = Some(e);
+                    }
+                }
+            }
+        }
+        (state.generation, state.config.clone())
+    }
+}
+
 /// The configured coordinator replicas, with the one that last answered tried first.
 #[derive(Clone, Debug)]
 pub struct Replicas {
     urls: Vec<String>,
-    tls: Option<ClientTlsConfig>,
-    preferred: Option<(String, Channel)>,
+    tls: Option<ClientTls>,
+    /// The replica that last answered, its channel, and the TLS generation it was made with.
+    preferred: Option<(String, Channel, u64)>,
 }
 
 impl Replicas {
-    pub fn new(urls: Vec<String>, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn new(urls: Vec<String>, tls: Option<ClientTls>) -> Self {
         Self {
             urls,
             tls,
@@ -305,8 +407,19 @@ impl Replicas {
         F: FnMut(AgentClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, Status>>,
     {
+        let (generation, tls) = match &self.tls {
+            Some(t) => {
+                let (g, c) = t.current();
+                (g, Some(c))
+            }
+            None => (0, None),
+        };
         let mut candidates: Vec<(String, Option<Channel>)> = Vec::new();
-        if let Some((url, channel)) = self.preferred.take() {
+        // A channel made with files since replaced is dropped: the next one presents the new
+        // certificate.
+        if let Some((url, channel, g)) = self.preferred.take()
+            && g == generation
+        {
             candidates.push((url, Some(channel)));
         }
         for url in &self.urls {
@@ -318,7 +431,7 @@ impl Replicas {
         for (url, channel) in candidates {
             let channel = match channel {
                 Some(c) => c,
-                None => match connect(&url, self.tls.as_ref()).await {
+                None => match connect(&url, tls.as_ref()).await {
                     Ok(c) => c,
                     Err(e) => {
                         last = CallError::Unreachable(e);
@@ -328,7 +441,7 @@ impl Replicas {
             };
             match call(AgentClient::new(channel.clone())).await {
                 Ok(reply) => {
-                    self.preferred = Some((url.clone(), channel));
+                    self.preferred = Some((url.clone(), channel, generation));
                     return Ok((url, reply.into_inner()));
                 }
                 Err(status) if status.code() == Code::Unavailable => {
@@ -340,12 +453,12 @@ impl Replicas {
                     let Some(leader) = redirect_target(&url, leader) else {
                         continue;
                     };
-                    let Ok(channel) = connect(&leader, self.tls.as_ref()).await else {
+                    let Ok(channel) = connect(&leader, tls.as_ref()).await else {
                         continue;
                     };
                     match call(AgentClient::new(channel.clone())).await {
                         Ok(reply) => {
-                            self.preferred = Some((leader.clone(), channel));
+                            self.preferred = Some((leader.clone(), channel, generation));
                             return Ok((leader, reply.into_inner()));
                         }
                         Err(status) => last = classify(&leader, &status),
@@ -358,7 +471,7 @@ impl Replicas {
                         continue;
                     }
                     // The replica answered: keep it for next time.
-                    self.preferred = Some((url, channel));
+                    self.preferred = Some((url, channel, generation));
                     return Err(err);
                 }
             }
@@ -399,6 +512,46 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate and its key, and another key, written 0600 where `files` say.
+    fn write_identity(files: &TlsFiles, cert_key: &rcgen::KeyPair, key: &rcgen::KeyPair) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let cert = rcgen::CertificateParams::new(vec!["host".to_owned()])
+            .and_then(|p| p.self_signed(cert_key))
+            .expect("cert");
+        std::fs::write(&files.ca, cert.pem()).expect("ca");
+        std::fs::write(&files.cert, cert.pem()).expect("cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("key");
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+
+    #[test]
+    fn the_identity_follows_its_files_and_never_takes_a_key_of_another_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("host.pem"),
+            key: dir.path().join("host.key"),
+        };
+        let (k1, k2) = (
+            rcgen::KeyPair::generate().expect("k1"),
+            rcgen::KeyPair::generate().expect("k2"),
+        );
+        write_identity(&files, &k1, &k2);
+        let e = ClientTls::load(files.clone()).expect_err("mismatched key");
+        assert!(e.contains("is not the key of"), "{e}");
+        write_identity(&files, &k1, &k1);
+        let tls = ClientTls::load(files.clone()).expect("load");
+        assert_eq!(tls.current().0, 0);
+        assert_eq!(tls.current().0, 0, "unchanged files: same generation");
+        // Half a rotation (new certificate, old key): the identity in use stays.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_identity(&files, &k2, &k1);
+        assert_eq!(tls.current().0, 0);
+        write_identity(&files, &k2, &k2);
+        assert_eq!(tls.current().0, 1, "the completed rotation is taken");
+    }
 
     fn finding(id: &str, value: f64) -> Finding {
         Finding::new("disk_full", id, 5).evidence("used_ratio", value)

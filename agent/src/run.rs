@@ -68,6 +68,8 @@ pub enum RunError {
     Journal(#[from] crate::actions::journal::JournalError),
     #[error("[tls]: {0}")]
     Tls(#[from] interlock_proto::tls::TlsFileError),
+    #[error("[tls]: {0}")]
+    TlsFiles(String),
 }
 
 /// Runs the agent until `shutdown` completes; returns once every task stopped.
@@ -79,8 +81,9 @@ pub async fn run(
     let tls = config
         .tls
         .as_ref()
-        .map(|t| t.files.client_config())
-        .transpose()?;
+        .map(|t| crate::report::ClientTls::load(t.files.clone()))
+        .transpose()
+        .map_err(RunError::TlsFiles)?;
     match &config.tls {
         Some(t) => {
             tracing::info!(cert = %t.files.cert.display(), "mutual TLS towards the coordinator");
@@ -1181,7 +1184,7 @@ struct LinkSettings {
     host_id: String,
     labels: BTreeMap<String, String>,
     urls: Vec<String>,
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<crate::report::ClientTls>,
     epoch: (Instant, u64),
 }
 

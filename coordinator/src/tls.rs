@@ -355,6 +355,7 @@ mod tests {
             uris: vec![],
             not_before_unix: 100,
             not_after_unix: 200,
+            spki_der: Vec::new(),
         };
         assert!(check_validity("c.pem", &facts, 150).is_ok());
         let e = check_validity("c.pem", &facts, 260).expect_err("expired");

@@ -105,6 +105,8 @@ pub struct CertFacts {
     pub uris: Vec<String>,
     pub not_after_unix: i64,
     pub not_before_unix: i64,
+    /// The DER SubjectPublicKeyInfo, to tell whether a key file goes with the certificate.
+    pub spki_der: Vec<u8>,
 }
 
 /// Facts of a DER certificate (what rustls hands over for a peer).
@@ -123,6 +125,7 @@ pub fn cert_facts_der(der: &[u8]) -> Result<CertFacts, CertParseError> {
         uris,
         not_after_unix: cert.validity().not_after.timestamp(),
         not_before_unix: cert.validity().not_before.timestamp(),
+        spki_der: cert.public_key().raw.to_vec(),
     })
 }
 

@@ -201,6 +201,30 @@ fn a_join_token_enrols_once_and_the_certificate_renews_before_it_expires() {
         renewed < first_not_after + 60,
         "still short-lived: {renewed}"
     );
+    // The link presents the renewed certificate on new connections: past the first one's end,
+    // the host is still live and no handshake failed at the coordinator.
+    agent.wait_for("the link to pick up the renewed files", WAIT, |a| {
+        a.log()
+            .contains("new connections present the new certificate")
+    });
+    let deadline = Instant::now() + WAIT;
+    while interlock_tests::agent::unix_ms() / 1000 <= u64::try_from(first_not_after + 2).unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the clock did not pass the first certificate's end"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = as_operator(&url, &ca_dir, "ada", &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(status["live_hosts"].as_u64() >= Some(1), "{status}");
+    assert_eq!(
+        coordinator.metric("interlock_tls_handshake_failures_total"),
+        0.0,
+        "{}",
+        coordinator.log()
+    );
     assert_eq!(
         agent.log().matches("agent starting").count(),
         1,
