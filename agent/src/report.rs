@@ -546,7 +546,7 @@ mod tests {
         assert_eq!(tls.current().0, 0);
         assert_eq!(tls.current().0, 0, "unchanged files: same generation");
         // Half a rotation (new certificate, old key): the identity in use stays.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
         write_identity(&files, &k2, &k1);
         assert_eq!(tls.current().0, 0);
         write_identity(&files, &k2, &k2);
