@@ -83,15 +83,15 @@ pub struct ClientArgs {
     #[arg(long, value_name = "FILE", env = "INTERLOCK_KEY", global = true)]
     pub key: Option<std::path::PathBuf>,
     /// A bearer token instead of a certificate (automation; `interlock tokens new`), sent over
-    /// TLS verified with --ca.
+    /// TLS verified with --ca. Not `--token`: that is the fencing token of `lease release`.
     #[arg(
-        long,
+        long = "auth-token",
         value_name = "TOKEN",
         env = "INTERLOCK_TOKEN",
         hide_env_values = true,
         global = true
     )]
-    pub token: Option<String>,
+    pub auth_token: Option<String>,
     /// How to print the answer.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
@@ -491,7 +491,7 @@ fn error_chain(error: &dyn StdError) -> String {
 struct Replicas {
     urls: Vec<String>,
     operator: AsciiMetadataValue,
-    /// `Bearer <token>`, when --token is given.
+    /// `Bearer <token>`, when --auth-token is given.
     token: Option<AsciiMetadataValue>,
     /// Mutual TLS, when --ca/--cert/--key are given.
     tls: Option<ClientTlsConfig>,
@@ -718,24 +718,24 @@ pub async fn run(args: &ClientArgs, cmd: OperatorCommand) -> anyhow::Result<Exit
 }
 
 /// The CLI's TLS config: mutual TLS from --ca/--cert/--key (all three or none), or with
-/// --token only --ca (the token is the credential).
+/// --auth-token only --ca (the token is the credential).
 fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
     match (&args.ca, &args.cert, &args.key) {
-        (None, None, None) if args.token.is_some() => Err(CliError::Tls(
-            "--token is sent only over TLS: give --ca (the CA that signed the coordinator's \
+        (None, None, None) if args.auth_token.is_some() => Err(CliError::Tls(
+            "--auth-token is sent only over TLS: give --ca (the CA that signed the coordinator's \
              certificate) and an https:// URL"
                 .to_owned(),
         )),
         (None, None, None) => Ok(None),
-        (Some(ca), None, None) if args.token.is_some() => {
+        (Some(ca), None, None) if args.auth_token.is_some() => {
             let pem = std::fs::read(ca)
                 .map_err(|e| CliError::Tls(format!("cannot read {}: {e}", ca.display())))?;
             Ok(Some(ClientTlsConfig::new().ca_certificate(
                 tonic::transport::Certificate::from_pem(pem),
             )))
         }
-        (Some(_), Some(_), Some(_)) if args.token.is_some() => Err(CliError::Tls(
-            "give either a certificate (--cert/--key) or --token, not both".to_owned(),
+        (Some(_), Some(_), Some(_)) if args.auth_token.is_some() => Err(CliError::Tls(
+            "give either a certificate (--cert/--key) or --auth-token, not both".to_owned(),
         )),
         (Some(ca), Some(cert), Some(key)) => TlsFiles {
             ca: ca.clone(),
@@ -761,7 +761,7 @@ pub async fn join_token(args: &ClientArgs, host: &str, ttl: Duration) -> anyhow:
         let mut replicas = Replicas::new(
             &args.coordinators,
             &args.operator,
-            args.token.as_deref(),
+            args.auth_token.as_deref(),
             tls,
         )?;
         let request = pb::CreateJoinTokenRequest {
@@ -796,7 +796,7 @@ async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, Cl
     let mut replicas = Replicas::new(
         &args.coordinators,
         &args.operator,
-        args.token.as_deref(),
+        args.auth_token.as_deref(),
         tls,
     )?;
     let format = args.output;
@@ -2357,6 +2357,26 @@ mod tests {
         reply.chain_ok = false;
         reply.chain_error = "seq 42: hash mismatch".into();
         assert!(audit_text(&reply).ends_with("chain: BROKEN at seq 42: hash mismatch\n"));
+    }
+
+    #[test]
+    fn the_bearer_token_flag_and_a_leases_fencing_token_do_not_collide() {
+        let cli = TestCli::try_parse_from([
+            "interlock",
+            "--auth-token",
+            "t0k",
+            "lease",
+            "release",
+            "L1",
+            "--token",
+            "7",
+        ])
+        .expect("parse");
+        assert_eq!(cli.client.auth_token.as_deref(), Some("t0k"));
+        assert!(matches!(
+            cli.command,
+            OperatorCommand::Lease(LeaseCommand::Release { token: 7, .. })
+        ));
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn made_token(args: &[&str]) -> String {
         .to_owned()
 }
 
-/// `interlock --coordinator URL --ca CA --token TOKEN ARGS…`.
+/// `interlock --coordinator URL --ca CA --auth-token TOKEN ARGS…`.
 fn with_token(url: &str, dir: &Path, token: &str, args: &[&str]) -> Output {
     let ca = dir.join("ca.pem");
     let mut all = vec![
@@ -54,7 +54,7 @@ fn with_token(url: &str, dir: &Path, token: &str, args: &[&str]) -> Output {
         url,
         "--ca",
         ca.to_str().expect("utf-8"),
-        "--token",
+        "--auth-token",
         token,
         "-o",
         "json",
@@ -150,7 +150,7 @@ async fn bearer_tokens_act_with_their_role_break_glass_is_audited_and_alerted() 
     assert!(!out.status.success());
     assert!(text(&out).contains("bearer token"), "{}", text(&out));
     // A token never goes over plaintext.
-    let out = interlock(&["--coordinator", &url, "--token", &ci, "status"]);
+    let out = interlock(&["--coordinator", &url, "--auth-token", &ci, "status"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("--ca"), "{}", text(&out));
 
