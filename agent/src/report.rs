@@ -283,17 +283,10 @@ fn classify(url: &str, status: &Status) -> CallError {
     }
 }
 
-/// What identifies one version of the `[tls]` files: length and modification time of each.
-type Stamp = Vec<(u64, Option<std::time::SystemTime>)>;
+type Stamp = interlock_proto::tls::FileStamp;
 
 fn stamp(files: &TlsFiles) -> Stamp {
-    [&files.ca, &files.cert, &files.key]
-        .iter()
-        .map(|p| match std::fs::metadata(p) {
-            Ok(m) => (m.len(), m.modified().ok()),
-            Err(_) => (0, None),
-        })
-        .collect()
+    interlock_proto::tls::file_stamp(&[&files.ca, &files.cert, &files.key])
 }
 
 /// The agent's TLS identity towards the coordinator, re-read when its files change (a renewed

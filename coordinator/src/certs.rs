@@ -174,12 +174,10 @@ pub fn issue_coordinator(
     validity: Validity,
 ) -> Result<Issued, CertsError> {
     let td = trust_domain(dir)?;
-    let mut sans = vec![
-        SanType::DnsName("localhost".try_into()?),
-        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-        SanType::URI(format!("spiffe://{td}/coordinator").as_str().try_into()?),
-    ];
-    sans.extend(server_sans(server_names)?);
+    let mut sans = server_sans(server_names)?;
+    sans.push(SanType::URI(
+        format!("spiffe://{td}/coordinator").as_str().try_into()?,
+    ));
     let out = Issued {
         cert: dir.join("coordinator.pem"),
         key: dir.join("coordinator.key"),
@@ -232,11 +230,7 @@ pub fn issue_etcd_server(
     server_names: &[String],
     validity: Validity,
 ) -> Result<Issued, CertsError> {
-    let mut sans = vec![
-        SanType::DnsName("localhost".try_into()?),
-        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-    ];
-    sans.extend(server_sans(server_names)?);
+    let sans = server_sans(server_names)?;
     let sub = dir.join("etcd");
     fs::create_dir_all(&sub).map_err(io(&sub))?;
     let out = Issued {
@@ -396,8 +390,13 @@ pub fn check_csr(csr_pem: &str) -> Result<(), CertsError> {
         })
 }
 
+/// A server's names: localhost, 127.0.0.1 and each of `server_names` (DNS name or IP).
 fn server_sans(server_names: &[String]) -> Result<Vec<SanType>, CertsError> {
-    server_names
+    let local = [
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+    ];
+    let named = server_names
         .iter()
         .map(|name| match name.parse::<IpAddr>() {
             Ok(ip) => Ok(SanType::IpAddress(ip)),
@@ -407,7 +406,8 @@ fn server_sans(server_names: &[String]) -> Result<Vec<SanType>, CertsError> {
                 ))
             }),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(local.into_iter().chain(named).collect())
 }
 
 fn sign(

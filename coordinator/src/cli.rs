@@ -753,17 +753,21 @@ fn client_tls(args: &ClientArgs) -> Result<Option<ClientTlsConfig>, CliError> {
     }
 }
 
+/// The replicas and credentials the client arguments name.
+fn replicas(args: &ClientArgs) -> Result<Replicas, CliError> {
+    Replicas::new(
+        &args.coordinators,
+        &args.operator,
+        args.auth_token.as_deref(),
+        client_tls(args)?,
+    )
+}
+
 /// `interlock certs token --host H --ttl T`: asks the coordinator for a join token and prints
 /// it (shown once; the coordinator keeps only its hash).
 pub async fn join_token(args: &ClientArgs, host: &str, ttl: Duration) -> anyhow::Result<ExitCode> {
     let result = async {
-        let tls = client_tls(args)?;
-        let mut replicas = Replicas::new(
-            &args.coordinators,
-            &args.operator,
-            args.auth_token.as_deref(),
-            tls,
-        )?;
+        let mut replicas = replicas(args)?;
         let request = pb::CreateJoinTokenRequest {
             host_id: host.to_owned(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
@@ -792,13 +796,7 @@ pub async fn join_token(args: &ClientArgs, host: &str, ttl: Duration) -> anyhow:
 }
 
 async fn execute(args: &ClientArgs, cmd: OperatorCommand) -> Result<ExitCode, CliError> {
-    let tls = client_tls(args)?;
-    let mut replicas = Replicas::new(
-        &args.coordinators,
-        &args.operator,
-        args.auth_token.as_deref(),
-        tls,
-    )?;
+    let mut replicas = replicas(args)?;
     let format = args.output;
     match cmd {
         OperatorCommand::Status => {

@@ -100,6 +100,54 @@ struct JoinTokenRecord {
     audit_seq: u64,
 }
 
+/// Why a join token cannot enrol a host. Unknown, used, expired and not backed by the audit
+/// read the same to the caller: a guesser learns nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum JoinRefusal {
+    #[error(
+        "the join token is unknown, used or expired: ask an operator for a new one \
+         (`interlock certs token --host HOST`)"
+    )]
+    Unknown,
+    #[error(
+        "the join token is unknown, used or expired: ask an operator for a new one \
+         (`interlock certs token --host HOST`)"
+    )]
+    NotBacked,
+    #[error("the join token is for host {0}, not the host enrolling")]
+    OtherHost(String),
+}
+
+/// Whether the stored join token (if any), made by audit record `made` (if it exists), may
+/// enrol `host` at `now`.
+fn join_token_verdict(
+    host: &str,
+    token_hash: &str,
+    record: Option<&JoinTokenRecord>,
+    made: Option<&AuditRecord>,
+    now: UnixMillis,
+) -> Result<(), JoinRefusal> {
+    let record = record.ok_or(JoinRefusal::Unknown)?;
+    if record.expires_at_ms <= now.0 {
+        return Err(JoinRefusal::Unknown);
+    }
+    if record.host != host {
+        return Err(JoinRefusal::OtherHost(record.host.clone()));
+    }
+    let backed = made.is_some_and(|r| {
+        r.seq == record.audit_seq
+            && r.kind == AuditKind::JoinToken
+            && r.host.as_deref() == Some(host)
+            && r.detail["token_hash"] == token_hash
+            && r.computed_hash() == r.hash
+    });
+    if backed {
+        Ok(())
+    } else {
+        Err(JoinRefusal::NotBacked)
+    }
+}
+
 /// A lease request as the agent (or `interlock lease acquire`) sends it.
 #[derive(Clone, Debug)]
 pub struct AcquireInput {
@@ -3186,57 +3234,41 @@ impl Actor {
         host: String,
         token_hash: String,
     ) -> Result<Result<(), String>, Result<EngineError, String>> {
-        let unknown = || {
-            Ok(Err(
-                "the join token is unknown, used or expired: ask an operator for a new one \
-                 (`interlock certs token --host HOST`)"
-                    .to_owned(),
-            ))
-        };
         let key = self.inner.keys.join_token(&token_hash);
-        let Some(kv) = self
+        let kv = self
             .inner
             .store
             .get(&key)
             .await
-            .map_err(|e| Ok(EngineError::from(e)))?
-        else {
-            return unknown();
-        };
-        let Ok(record) = serde_json::from_slice::<JoinTokenRecord>(&kv.value) else {
-            return unknown();
+            .map_err(|e| Ok(EngineError::from(e)))?;
+        let record = kv
+            .as_ref()
+            .and_then(|kv| serde_json::from_slice::<JoinTokenRecord>(&kv.value).ok());
+        let made = match &record {
+            Some(r) => self
+                .inner
+                .store
+                .get(&self.inner.keys.audit_record(r.audit_seq))
+                .await
+                .map_err(|e| Ok(EngineError::from(e)))?
+                .and_then(|kv| serde_json::from_slice::<AuditRecord>(&kv.value).ok()),
+            None => None,
         };
         let now = now_ms();
-        if record.expires_at_ms <= now.0 {
-            return unknown();
+        if let Err(refusal) =
+            join_token_verdict(&host, &token_hash, record.as_ref(), made.as_ref(), now)
+        {
+            if refusal == JoinRefusal::NotBacked {
+                tracing::error!(
+                    key,
+                    "a join key the audit does not back (written behind the coordinator's back?) was refused"
+                );
+            }
+            return Ok(Err(refusal.to_string()));
         }
-        if record.host != host {
-            return Ok(Err(format!(
-                "the join token is for host {}, not {host}",
-                record.host
-            )));
-        }
-        // Backed by the audit: the record that made it names this hash and host.
-        let made = self
-            .inner
-            .store
-            .get(&self.inner.keys.audit_record(record.audit_seq))
-            .await
-            .map_err(|e| Ok(EngineError::from(e)))?
-            .and_then(|kv| serde_json::from_slice::<AuditRecord>(&kv.value).ok());
-        let backed = made.is_some_and(|r| {
-            r.kind == AuditKind::JoinToken
-                && r.host.as_deref() == Some(host.as_str())
-                && r.detail["token_hash"] == token_hash.as_str()
-                && r.computed_hash() == r.hash
-        });
-        if !backed {
-            tracing::error!(
-                key,
-                "a join key the audit does not back (written behind the coordinator's back?) was refused"
-            );
-            return unknown();
-        }
+        let (Some(kv), Some(record)) = (kv, record) else {
+            return Ok(Err(JoinRefusal::Unknown.to_string()));
+        };
         let mut tx = TxnBuilder::default();
         tx.compares.push(Compare::ModRevision {
             key: key.clone(),
@@ -3251,7 +3283,7 @@ impl Actor {
         match self.commit(tx, now).await {
             Ok(_) => Ok(Ok(())),
             // The key changed since it was read: someone else used it first.
-            Err(CommitError::Conflict) => unknown(),
+            Err(CommitError::Conflict) => Ok(Err(JoinRefusal::Unknown.to_string())),
             Err(e) => {
                 let (err, fatal) = self.commit_failure(&e);
                 match fatal {
@@ -3357,5 +3389,77 @@ fn release_unused(store: &Arc<dyn Store>, lease: Option<LeaseId>) {
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
         EngineError::Unavailable(format!("store: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditChain, AuditDraft};
+
+    fn made(host: &str, hash: &str) -> AuditRecord {
+        let mut d = AuditDraft::new(AuditKind::JoinToken, "operator:ada");
+        d.host = Some(host.to_owned());
+        d.detail = json!({"token_hash": hash});
+        AuditChain::genesis().append(d, UnixMillis(1))
+    }
+
+    #[test]
+    fn a_join_token_enrols_only_its_host_before_it_expires_and_only_if_the_audit_made_it() {
+        let record = JoinTokenRecord {
+            host: "web-7".into(),
+            expires_at_ms: 1_000,
+            audit_seq: 1,
+        };
+        let good = made("web-7", "h");
+        let mut edited = good.clone();
+        edited.detail = json!({"token_hash": "other"});
+        let now = UnixMillis(500);
+        type Case<'a> = (
+            &'a str,
+            Option<&'a JoinTokenRecord>,
+            Option<&'a AuditRecord>,
+            UnixMillis,
+            Result<(), JoinRefusal>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            ("ok", Some(&record), Some(&good), now, Ok(())),
+            ("no key", None, Some(&good), now, Err(JoinRefusal::Unknown)),
+            (
+                "expired",
+                Some(&record),
+                Some(&good),
+                UnixMillis(1_000),
+                Err(JoinRefusal::Unknown),
+            ),
+            (
+                "no record",
+                Some(&record),
+                None,
+                now,
+                Err(JoinRefusal::NotBacked),
+            ),
+            (
+                "edited record",
+                Some(&record),
+                Some(&edited),
+                now,
+                Err(JoinRefusal::NotBacked),
+            ),
+        ];
+        for (what, r, m, at, want) in cases {
+            assert_eq!(join_token_verdict("web-7", "h", r, m, at), want, "{what}");
+        }
+        assert_eq!(
+            join_token_verdict("web-8", "h", Some(&record), Some(&good), now),
+            Err(JoinRefusal::OtherHost("web-7".into()))
+        );
+        let mut other_seq = record.clone();
+        other_seq.audit_seq = 9;
+        assert_eq!(
+            join_token_verdict("web-7", "h", Some(&other_seq), Some(&good), now),
+            Err(JoinRefusal::NotBacked),
+            "a record at another sequence number does not back it"
+        );
     }
 }

@@ -124,21 +124,14 @@ pub fn server_security(files: &TlsFiles, trust_domain: &str) -> Result<Security,
 /// `(which certificate, not_after unix seconds)`, for the expiry metric.
 pub type Expiries = Vec<(&'static str, i64)>;
 
-/// What identifies one version of the files: length and modification time of each.
-type Stamp = Vec<(u64, Option<SystemTime>)>;
+type Stamp = interlock_proto::tls::FileStamp;
 
 fn stamp(files: &TlsFiles) -> Stamp {
     stamp_of(&[&files.ca, &files.cert, &files.key])
 }
 
 fn stamp_of(paths: &[&std::path::Path]) -> Stamp {
-    paths
-        .iter()
-        .map(|p| match std::fs::metadata(p) {
-            Ok(m) => (m.len(), m.modified().ok()),
-            Err(_) => (0, None),
-        })
-        .collect()
+    interlock_proto::tls::file_stamp(paths)
 }
 
 /// The server's rustls config, rebuilt from its files when they change.
@@ -227,17 +220,7 @@ impl TokenSource {
 
     fn read(&self) -> Result<crate::tokens::Tokens, String> {
         let read = |p: &std::path::Path| {
-            let mode = std::fs::metadata(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?
-                .permissions();
-            use std::os::unix::fs::PermissionsExt as _;
-            if mode.mode() & 0o077 != 0 {
-                return Err(format!(
-                    "{} is readable by group or others; token hashes must be 0600: run `chmod 600 {}`",
-                    p.display(),
-                    p.display()
-                ));
-            }
+            interlock_proto::tls::check_private(p).map_err(|e| e.to_string())?;
             std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
         };
         let mut tokens = match &self.token_file {

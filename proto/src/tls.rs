@@ -58,8 +58,8 @@ fn read_pem(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsFileError> {
     Ok(bytes)
 }
 
-/// Reads a private key, refusing one that group or others can read.
-pub fn read_key(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+/// Refuses a secret file (a key, token hashes) that group or others can read.
+pub fn check_private(path: &Path) -> Result<(), TlsFileError> {
     let meta = fs::metadata(path).map_err(|source| TlsFileError::Read {
         path: path.to_owned(),
         source,
@@ -71,7 +71,27 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, TlsFileError> {
             mode,
         });
     }
+    Ok(())
+}
+
+/// Reads a private key, refusing one that group or others can read.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    check_private(path)?;
     read_pem(path, "private key")
+}
+
+/// Length and modification time of each file (zero and none when it is missing): two reads of
+/// the same files differ when one of them was replaced, which is when to load them again.
+pub type FileStamp = Vec<(u64, Option<std::time::SystemTime>)>;
+
+pub fn file_stamp(paths: &[&Path]) -> FileStamp {
+    paths
+        .iter()
+        .map(|p| match fs::metadata(p) {
+            Ok(m) => (m.len(), m.modified().ok()),
+            Err(_) => (0, None),
+        })
+        .collect()
 }
 
 impl TlsFiles {
